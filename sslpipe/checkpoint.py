@@ -1,0 +1,165 @@
+"""Checkpoints: atomic save, resume, and loading an encoder from anything `pretrained=` names."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the
+    old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint with `weights_only=True`: no pickled code runs."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Prefixes that other tools put in front of backbone keys (DDP, Lightning, MoCo).
+WRAPPER_PREFIXES = ("module.", "backbone.", "encoder_q.", "encoder.", "model.")
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (`module.`, `backbone.`, ...) while that makes more keys match."""
+    def matches(sd):
+        return len(expected & set(sd))
+
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if inner and matches(inner) > matches(state):
+                state, changed = inner, True
+    return state
+
+
+def load_encoder_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that names missing, unexpected and mis-shaped keys instead of hiding them."""
+    expected = backbone.state_dict()
+    state = strip_prefixes(state, set(expected))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} of another shape: {show(shapes)}" if shapes else ""]
+        raise ValueError(f"encoder weights in {source} do not fit the backbone: " + "; ".join(p for p in parts if p))
+    backbone.load_state_dict(state, strict=True)
+
+
+@dataclass
+class Pretrained:
+    """The weights that `pretrained=` names, split into parts."""
+
+    encoder: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor] | None
+    source: str
+
+
+def _from_file(path: Path, spec: str) -> Pretrained:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return Pretrained(load_file(path), None, str(path))
+    try:
+        obj = load(path)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise ValueError(f"pretrained='{spec}' is not a loadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"pretrained='{spec}' holds a {type(obj).__name__}, not a state dict or checkpoint")
+    if "encoder" in obj:  # sslpipe's final checkpoint
+        return Pretrained(obj["encoder"], obj.get("projector"), str(path))
+    for key in ("state_dict", "model"):  # Lightning / sslpipe's resumable checkpoint / others
+        if isinstance(obj.get(key), dict):
+            inner = obj[key]
+            projector = {k.removeprefix("projector."): v for k, v in inner.items() if k.startswith("projector.")}
+            return Pretrained(inner, projector or None, str(path))
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):  # a plain state dict (timm, torchvision)
+        return Pretrained(obj, None, str(path))
+    raise ValueError(f"pretrained='{spec}' holds no encoder weights (top-level keys: {sorted(obj)[:10]})")
+
+
+def _from_folder(path: Path, spec: str) -> Pretrained:
+    from sslpipe.export import read_tensors
+
+    for suffix in (".safetensors", ".json"):
+        if (path / f"encoder{suffix}").exists():
+            projector = path / f"projector{suffix}"
+            return Pretrained(read_tensors(path / f"encoder{suffix}"),
+                              read_tensors(projector) if projector.exists() else None, str(path))
+    raise FileNotFoundError(f"pretrained='{spec}' is a folder without encoder.safetensors or encoder.json")
+
+
+def pretrained_parts(spec: str, tracking_uri: str | None = None) -> Pretrained:
+    """Resolve `pretrained=<spec>`: an export folder, a checkpoint file (.pt/.ckpt/.pth with an
+    `encoder`, `model` or `state_dict` entry, or a plain state dict), a .safetensors file, or
+    runs:/<mlflow run id>."""
+    if spec.startswith("runs:/"):
+        from sslpipe.tracking import resolve_run_checkpoint
+
+        return pretrained_parts(resolve_run_checkpoint(spec, tracking_uri))
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"pretrained='{spec}' does not exist; give a checkpoint file, an export folder, "
+            f"runs:/<mlflow run id>, or pretrained=random"
+        )
+    return _from_folder(path, spec) if path.is_dir() else _from_file(path, spec)
+
+
+def load_pretrained(backbone: nn.Module, spec: str | None, stage: str, tracking_uri: str | None = None) -> str:
+    """Fill `backbone` from `pretrained=`; returns where the weights came from."""
+    if spec is None:
+        raise ValueError(
+            f"stage={stage} needs pretrained=<checkpoint | export folder | runs:/<run id>>, "
+            f"or pretrained=random for the random-init baseline"
+        )
+    if spec == "random":
+        return "random"
+    parts = pretrained_parts(str(spec), tracking_uri)
+    load_encoder_state(backbone, parts.encoder, parts.source)
+    return parts.source

@@ -1,0 +1,33 @@
+"""Small helpers between composed configs and built objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that describe a config node rather than feed its constructor.
+_DESCRIPTIVE = ("name",)
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """Instantiate a `_target_` node, leaving out its descriptive keys (`name`)."""
+    from hydra.utils import instantiate
+
+    plain = OmegaConf.to_container(node, resolve=True)
+    for key in _DESCRIPTIVE:
+        plain.pop(key, None)
+    return instantiate(plain, **kwargs)
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
+    """`{"method": {"temperature": 0.2}}` -> `{"method.temperature": "0.2"}`."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

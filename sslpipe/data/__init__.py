@@ -1,0 +1,109 @@
+"""In-memory image splits and the loaders that batch them.
+
+Every data set is read once into uint8 tensors (N, C, H, W): small data sets fit, and
+batches are then plain index lookups with no per-sample Python work. Augmentation runs
+batched on the training device (`sslpipe.data.views`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,); -1 where unlabelled
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Splits:
+    train: Split
+    test: Split
+    val: Split | None = None
+    classes: list[str] = field(default_factory=list)
+
+
+def stratified_fraction(split: Split, fraction: float, seed: int) -> Split:
+    """Keep `fraction` of each class (at least one image per class), e.g. seed 001's 0.1."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return split
+    rng = np.random.default_rng(seed)
+    labels = split.labels.numpy()
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, size=n, replace=False))
+    return split.subset(np.sort(np.concatenate(keep)))
+
+
+def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) uint8 -> (N, C, H, W) uint8 tensor."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[:, :, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+class EpochLoader:
+    """Batches of (uint8 images, labels) from a `Split`, shuffled per epoch by a generator
+    seeded from (seed, epoch) so that a resumed run sees the same order; `start` skips
+    batches already done. With world_size > 1 each rank takes every world_size-th sample
+    of the shared permutation (DistributedSampler's scheme)."""
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.split, self.batch_size, self.shuffle, self.drop_last = split, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start = 0, 0
+        if drop_last and len(self) == 0:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {len(split) // world_size} training images per rank; "
+                f"lower the batch size"
+            )
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        n = len(self.split) // self.world_size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.split)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        order = order[: (n // self.world_size) * self.world_size][self.rank :: self.world_size]
+        for b in range(self.start, len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.split.images[index], self.split.labels[index]

@@ -1,0 +1,17 @@
+"""Rank and world size (single process for now; torchrun/submitit in the cluster path)."""
+
+from __future__ import annotations
+
+import os
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0

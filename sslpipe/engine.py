@@ -1,0 +1,174 @@
+"""The one training loop, shared by pretrain and finetune.
+
+It knows nothing of methods or data: a stage hands it a `step` function that turns one
+batch into a loss, the parameters' optimizer, a loader, and plain settings. It owns the
+schedule (linear warm-up + cosine), gradient accumulation, AMP on CUDA, periodic atomic
+checkpoints and resume, throughput and data-wait measurement."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from sslpipe import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    max_steps: int | None = None
+    grad_accum: int = 1
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    amp: bool = True
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+
+@dataclass
+class LoopState:
+    step: int = 0          # optimizer steps done
+    epoch: int = 0         # current epoch
+    batch: int = 0         # next batch index within the epoch
+    extra: dict = field(default_factory=dict)  # stage-owned values (e.g. the MLflow run id)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device='{name}' is not one of: auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device='{name}' but CUDA is not available here; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step i: linear warm-up, then cosine to min_ratio."""
+    def factor(i: int) -> float:
+        if i < warmup_steps:
+            return (i + 1) / warmup_steps
+        t = (i - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return factor
+
+
+def total_steps(settings: LoopSettings, batches_per_epoch: int) -> int:
+    steps = settings.epochs * (batches_per_epoch // settings.grad_accum)
+    return min(steps, settings.max_steps) if settings.max_steps else steps
+
+
+class Loop:
+    """`Loop(...).run()` trains to the end, resuming from `checkpoint_path` when it exists."""
+
+    def __init__(self, model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
+                 checkpoint_path: Path, log_metrics: Callable[[dict, int], None] = lambda m, s: None,
+                 after_step: Callable[[float], None] = lambda p: None):
+        if settings.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
+        self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
+        self.settings, self.device, self.path = settings, device, Path(checkpoint_path)
+        self.log_metrics, self.after_step = log_metrics, after_step
+        self.total = total_steps(settings, len(loader))
+        if self.total < 1:
+            raise ValueError(f"nothing to train: {settings.epochs} epochs of {len(loader)} batches "
+                             f"(grad_accum {settings.grad_accum}, max_steps {settings.max_steps})")
+        warmup = int(settings.warmup_epochs * len(loader) / settings.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.total, min(warmup, self.total // 2), settings.min_lr_ratio))
+        self.state = LoopState()
+        self.amp = settings.amp and device.type == "cuda"
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        ckpt.atomic_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+            "loop": {"step": self.state.step, "epoch": self.state.epoch, "batch": self.state.batch},
+            "extra": self.state.extra,
+        }, self.path)
+
+    def resume(self) -> bool:
+        """Restore model, optimizer, schedule, RNG and position from our own last checkpoint."""
+        if not self.path.exists():
+            return False
+        saved = ckpt.load(self.path)
+        self.model.load_state_dict(saved["model"], strict=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        ckpt.set_rng_state(saved["rng"])
+        self.state = LoopState(**saved["loop"], extra=saved.get("extra", {}))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.path, self.state.step, self.state.epoch, self.state.batch)
+        return True
+
+    # ---------------------------------------------------------------- training
+    def run(self) -> LoopState:
+        s, state = self.settings, self.state
+        self.model.train()
+        loss_sum, loss_n, images, wait, t_last = 0.0, 0, 0, 0.0, time.perf_counter()
+        accum = 0
+        while state.step < self.total and state.epoch < s.epochs:
+            self.loader.set_epoch(state.epoch, start=state.batch)
+            t_data = time.perf_counter()
+            for images_u8, labels in self.loader:
+                wait += time.perf_counter() - t_data
+                images_u8 = images_u8.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                progress = state.step / self.total
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    loss = self.step_fn(images_u8, labels, progress)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at step {state.step} (epoch {state.epoch}); the last good "
+                        f"checkpoint is kept at {self.path}. Lower the learning rate or check the data.")
+                (loss / s.grad_accum).backward()
+                accum += 1
+                state.batch += 1
+                loss_sum += loss.item()
+                loss_n += 1
+                images += len(images_u8)
+                if accum == s.grad_accum:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    accum = 0
+                    state.step += 1
+                    self.after_step(state.step / self.total)
+                    if state.step % s.log_every == 0 or state.step == self.total:
+                        elapsed = time.perf_counter() - t_last
+                        self.log_metrics({
+                            "train/loss": loss_sum / loss_n,
+                            "train/lr": self.optimizer.param_groups[0]["lr"],
+                            "train/images_per_s": images / max(elapsed, 1e-9),
+                            "train/data_wait": wait / max(elapsed, 1e-9),
+                            "train/epoch": state.epoch + state.batch / len(self.loader),
+                        }, state.step)
+                        loss_sum, loss_n, images, wait, t_last = 0.0, 0, 0, 0.0, time.perf_counter()
+                    if state.step % s.checkpoint_every == 0 or state.step == self.total:
+                        self.save()
+                    if state.step >= self.total:
+                        break
+                t_data = time.perf_counter()
+            else:
+                if accum:  # a partial accumulation at the epoch's end is dropped, so resume is exact
+                    self.optimizer.zero_grad(set_to_none=True)
+                    accum = 0
+                state.epoch, state.batch = state.epoch + 1, 0
+                log.info("epoch %d/%d done, step %d/%d", state.epoch, s.epochs, state.step, self.total)
+                continue
+            break
+        return state

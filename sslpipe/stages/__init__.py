@@ -1,0 +1,147 @@
+"""Stages: one file each, `run(ctx) -> StageResult`. A stage reads like a recipe: build
+data, build model, fit or evaluate, log, return metrics. This module holds what they share."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sslpipe.config import build, flatten
+from sslpipe.data import Splits, stratified_fraction
+from sslpipe.distributed import world_size
+from sslpipe.tracking import Run, Tracker
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "knn", "linear_probe", "finetune", "export", "pipeline")
+
+
+@dataclass
+class Context:
+    cfg: DictConfig             # the whole config; cfg.stage is this stage's node
+    run_dir: Path               # this stage's folder (checkpoints, plots, exports)
+    device: torch.device
+    tracker: Tracker
+    parent_id: str | None = None
+    run_name_suffix: str = ""
+
+    def for_stage(self, name: str, pretrained: str | None, sub_dir: str, suffix: str = "") -> "Context":
+        """The context of one pipeline step: cfg.stage replaced by cfg.stage.<name>."""
+        cfg = self.cfg.copy()
+        with open_dict(cfg):
+            cfg.stage = self.cfg.stage[name]
+            cfg.pretrained = pretrained
+        return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix)
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)   # e.g. checkpoint, linear_head, export_dir
+    run_id: str | None = None
+
+
+def dispatch(ctx: Context) -> StageResult:
+    name = ctx.cfg.stage.name
+    if name not in STAGES:
+        raise ValueError(f"stage.name='{name}' is not a stage; valid: {', '.join(STAGES)}")
+    module = importlib.import_module(f"sslpipe.stages.{name}")
+    return module.run(ctx)
+
+
+def tags(ctx: Context) -> dict[str, str]:
+    cfg = ctx.cfg
+    out = {"sslpipe.stage": cfg.stage.name, "sslpipe.method": cfg.method.name, "sslpipe.backbone": cfg.backbone.name,
+           "sslpipe.dataset": cfg.dataset.name, "sslpipe.world_size": str(world_size()),
+           "sslpipe.pretrained": str(cfg.pretrained) if cfg.pretrained is not None else "none"}
+    import os
+
+    if os.environ.get("SLURM_JOB_ID"):
+        out["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(ctx: Context, run_id: str | None = None):
+    """Open this stage's MLflow run (or reopen `run_id` on resume), log tags, params and the
+    resolved config.yaml; mark it FAILED if the stage raises, FINISHED otherwise."""
+    cfg = ctx.cfg
+    name = cfg.tracking.run_name or f"{cfg.stage.name}-{cfg.method.name}-{cfg.backbone.name}-{cfg.dataset.name}"
+    run = ctx.tracker.start_run(name + ctx.run_name_suffix, tags(ctx), parent_id=ctx.parent_id, run_id=run_id)
+    if run_id is None:
+        run.log_params(flatten(cfg))
+        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    try:
+        yield run
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+
+
+# ------------------------------------------------------------------ shared building blocks
+def build_splits(ctx: Context, labelled: bool) -> Splits:
+    """The dataset's splits; with `labelled`, the train split keeps `dataset.fraction` per class."""
+    splits: Splits = build(ctx.cfg.dataset.source)
+    if labelled:
+        splits.train = stratified_fraction(splits.train, ctx.cfg.dataset.fraction, ctx.cfg.seed)
+    return splits
+
+
+def build_backbone(ctx: Context) -> torch.nn.Module:
+    return build(ctx.cfg.backbone)
+
+
+def normalizer(ctx: Context):
+    from sslpipe.data.views import Normalize
+
+    return Normalize(list(ctx.cfg.dataset.norm.mean), list(ctx.cfg.dataset.norm.std))
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.device, batch_size: int) -> torch.Tensor:
+    """Features of every image of `split`, once, in eval mode: (N, num_features) on the CPU."""
+    from sslpipe.data import EpochLoader
+
+    backbone.eval().to(device)
+    normalize = normalize.to(device)
+    out = [backbone(normalize(x.to(device, non_blocking=True))).float().cpu()
+           for x, _ in EpochLoader(split, batch_size, shuffle=False, drop_last=False)]
+    return torch.cat(out)
+
+
+def print_table(title: str, text: str) -> None:
+    print(f"\n{title}\n{text}\n", flush=True)
+
+
+def log_classification(run: Run, ctx: Context, predictions: dict[str, tuple], classes: list[str]) -> dict[str, float]:
+    """Log `<split>/top1` and `<split>/f1_macro` for each split in `predictions`
+    ({"val": (y_true, y_pred), "test": ...}), the test split's per-class report
+    (classification_report.json) and confusion matrix plot. Returns the metrics."""
+    import json
+
+    from sslpipe.reports import classification_metrics, confusion_plot
+
+    metrics: dict[str, float] = {}
+    for split, (y_true, y_pred) in predictions.items():
+        m, report = classification_metrics(y_true.numpy(), y_pred.numpy(), classes, split)
+        metrics.update(m)
+        if split == "test":
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            run.log_text(json.dumps(report, indent=2), "classification_report.json")
+            plot = confusion_plot(y_true.numpy(), y_pred.numpy(), classes, ctx.run_dir / "confusion_matrix.png",
+                                  f"{ctx.cfg.stage.name} ({ctx.cfg.pretrained})")
+            run.log_artifact(plot, "plots")
+    run.log_metrics(metrics, step=0)
+    return metrics
+
+
+def protocol_params(ctx: Context, **values) -> dict[str, str]:
+    """Settings that make two probe numbers comparable, logged as params of the same run."""
+    return {"protocol.label_fraction": str(ctx.cfg.dataset.fraction), **{f"protocol.{k}": str(v) for k, v in values.items()}}

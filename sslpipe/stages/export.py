@@ -1,0 +1,77 @@
+"""stage=export: a folder that other tools load (seed 000's format, DESIGN.md section 4):
+manifest.json + encoder / projector / linear_head tensors as safetensors or JSON snapshots.
+The encoder's keys are the plain backbone's, so it loads strictly into
+`timm.create_model(<timm name>, num_classes=0)` (or sslpipe's builder for non-timm nets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from sslpipe.checkpoint import load_encoder_state, pretrained_parts
+from sslpipe.export import FORMATS, read_tensors, write_tensors
+from sslpipe.stages import Context, StageResult, build_backbone, print_table, stage_run
+from sslpipe.tracking import git_commit
+
+FORMAT_VERSION = 1
+COMPATIBLE = ["st-vision/classification", "st-nn/linear-probe", "st-nn/fine-tune"]
+
+
+def _manifest(ctx: Context, files: dict, run_id: str | None, source: str, num_features: int) -> dict:
+    cfg, st = ctx.cfg, ctx.cfg.stage
+    backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+    return {
+        "format_version": FORMAT_VERSION,
+        "variant": st.variant or f"{cfg.backbone.name}-{cfg.method.name}",
+        "objective": get_class(cfg.method._target_).objective,
+        "method": cfg.method.name,
+        "backbone": {
+            "name": cfg.backbone.name,
+            "timm_name": backbone_cfg.get("model_name"),
+            "num_features": num_features,
+            "input_size": [cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size],
+            "normalization": OmegaConf.to_container(cfg.dataset.norm, resolve=True),
+            "build": backbone_cfg,  # hydra.utils.instantiate(...) of this (less `name`) rebuilds it
+        },
+        "dataset": {"name": cfg.dataset.name, "num_classes": cfg.dataset.num_classes},
+        "files": files,
+        "downstream": {"compatible": COMPATIBLE, "num_classes": cfg.dataset.num_classes},
+        "recommended": OmegaConf.to_container(st.recommended, resolve=True),
+        "metrics": OmegaConf.to_container(st.metrics, resolve=True),
+        "provenance": {"mlflow_run_id": run_id, "pretrained": source, "git_commit": git_commit()},
+    }
+
+
+def run(ctx: Context) -> StageResult:
+    cfg, st = ctx.cfg, ctx.cfg.stage
+    if st.format not in FORMATS:
+        raise ValueError(f"stage.format='{st.format}' is not an export format; valid: {', '.join(FORMATS)}")
+    if cfg.pretrained in (None, "random"):
+        raise ValueError("stage=export needs pretrained=<checkpoint | export folder | runs:/<run id>>")
+    parts = pretrained_parts(str(cfg.pretrained), cfg.tracking.uri)
+    backbone = build_backbone(ctx)
+    load_encoder_state(backbone, parts.encoder, parts.source)  # proves the weights fit before writing anything
+    out = Path(st.dir) if st.dir else ctx.run_dir / "export"
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    suffix = ".safetensors" if st.format == "safetensors" else ".json"
+    tensors = {"encoder": backbone.state_dict(), "projector": parts.projector}
+    if st.linear_head:
+        tensors["linear_head"] = read_tensors(Path(st.linear_head))
+    with stage_run(ctx) as run:
+        files = {name: {"path": f"{name}{suffix}", "tensors": write_tensors(t, staging / f"{name}{suffix}")}
+                 for name, t in tensors.items() if t}
+        manifest = _manifest(ctx, files, run.id, parts.source, backbone.num_features)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():  # replace a previous export only once the new one is complete
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        run.log_artifact(out, "export")
+    print_table("export", f"{out} ({', '.join(sorted(files))}, {st.format})")
+    return StageResult(outputs={"export_dir": str(out)}, run_id=run.id)

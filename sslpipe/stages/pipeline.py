@@ -1,0 +1,56 @@
+"""stage=pipeline: pretrain, then each step of `stage.stages` on the pretrained encoder, and
+the `stage.baseline` steps on pretrained=random; one parent MLflow run, a nested child run
+per step, and a results table (printed, and logged as results.md / results.json)."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import open_dict
+
+from sslpipe.reports import results_table
+from sslpipe.stages import STAGES, Context, StageResult, dispatch, print_table, stage_run
+
+STEPS = tuple(s for s in STAGES if s not in ("pretrain", "pipeline"))
+PROBES = ("knn", "linear_probe", "finetune")
+
+
+def _check(names, key: str) -> None:
+    bad = [n for n in names if n not in STEPS]
+    if bad:
+        raise ValueError(f"stage.{key} has unknown step(s) {bad}; valid: {', '.join(STEPS)}")
+
+
+def run(ctx: Context) -> StageResult:
+    cfg, st = ctx.cfg, ctx.cfg.stage
+    _check(st.stages, "stages")
+    _check(st.baseline, "baseline")
+    rows, results = [], {}
+    with stage_run(ctx) as parent:
+        ctx.parent_id = parent.id
+        pre = dispatch(ctx.for_stage("pretrain", None, "pretrain"))
+        results["pretrain"] = pre.metrics
+        checkpoint = pre.outputs["checkpoint"]
+        probe_metrics: dict[str, float] = {}
+        for name in st.stages:
+            sub = ctx.for_stage(name, checkpoint, "." if name == "export" else name)
+            if name == "export":
+                with open_dict(sub.cfg):
+                    sub.cfg.stage.linear_head = results.get("linear_probe", {}).get("outputs", {}).get("linear_head")
+                    sub.cfg.stage.metrics = probe_metrics
+            out = dispatch(sub)
+            results[name] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
+            if name in PROBES:
+                probe_metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+                rows.append({"step": name, "pretrained": cfg.method.name, **out.metrics})
+        for name in st.baseline:
+            out = dispatch(ctx.for_stage(name, "random", f"random/{name}", suffix="-random"))
+            results[f"{name}-random"] = {"metrics": out.metrics, "run_id": out.run_id}
+            rows.append({"step": name, "pretrained": "random", **out.metrics})
+        table = results_table(rows, ["step", "pretrained", "test/top1", "val/top1", "test/f1_macro"])
+        parent.log_text(table + "\n", "results.md")
+        parent.log_text(json.dumps(results, indent=2), "results.json")
+        headline = {f"{r['step']}{'-random' if r['pretrained'] == 'random' else ''}/test_top1": r["test/top1"] for r in rows}
+        parent.log_metrics(headline, step=0)
+    print_table(f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
+    return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id)

@@ -1,0 +1,69 @@
+"""stage=pretrain: train backbone + method heads with the method's SSL loss."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sslpipe import checkpoint as ckpt
+from sslpipe.config import build
+from sslpipe.data import EpochLoader
+from sslpipe.data.views import AugmentSpec, MultiView
+from sslpipe.distributed import rank, world_size
+from sslpipe.engine import Loop, LoopSettings
+from sslpipe.stages import Context, StageResult, build_backbone, build_splits, print_table, stage_run
+
+log = logging.getLogger(__name__)
+
+
+def _loop_settings(st) -> LoopSettings:
+    return LoopSettings(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
+                        warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
+                        checkpoint_every=st.checkpoint_every, log_every=st.log_every)
+
+
+def run(ctx: Context) -> StageResult:
+    cfg, st = ctx.cfg, ctx.cfg.stage
+    # ------------------------------------------------------------ data
+    splits = build_splits(ctx, labelled=False)
+    loader = EpochLoader(splits.train, st.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                         rank=rank(), world_size=world_size())
+    # ------------------------------------------------------------ model
+    method = build(cfg.method, backbone=build_backbone(ctx)).to(ctx.device)
+    views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
+                      list(cfg.dataset.norm.std), global_views=method.global_views,
+                      local_views=method.local_views).to(ctx.device)
+    optimizer = build(st.optimizer)([p for p in method.parameters() if p.requires_grad])
+
+    def step(images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
+        return method.training_step(views(images), labels, progress)
+
+    # ------------------------------------------------------------ fit (resuming when our checkpoint exists)
+    loop = Loop(method, step, optimizer, loader, _loop_settings(st), ctx.device,
+                ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step)
+    loop.resume()
+    with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
+        loop.state.extra["run_id"] = run.id
+        history: list[tuple[int, float]] = []
+
+        def log_metrics(metrics: dict, step_no: int) -> None:
+            history.append((step_no, metrics["train/loss"]))
+            run.log_metrics(metrics, step_no)
+
+        loop.log_metrics = log_metrics
+        loop.run()
+        # ------------------------------------------------------------ save and log
+        final = ctx.run_dir / "checkpoints" / "final.pt"
+        ckpt.atomic_save({"encoder": method.backbone.state_dict(), "projector": method.projector.state_dict()}, final)
+        run.set_tags({"sslpipe.checkpoint": str(final.resolve())})
+        if cfg.tracking.log_checkpoints:
+            run.log_artifact(final, "checkpoints")
+        if history:
+            from sslpipe.reports import curve_plot
+
+            steps, losses = zip(*history)
+            run.log_artifact(curve_plot(list(steps), list(losses), ctx.run_dir / "loss_curve.png", "train/loss"), "plots")
+        metrics = {"train/final_loss": history[-1][1]} if history else {}
+    print_table(f"pretrain {cfg.method.name} on {cfg.dataset.name}", f"final train/loss {metrics.get('train/final_loss', float('nan')):.4f}")
+    return StageResult(metrics=metrics, outputs={"checkpoint": str(final)}, run_id=run.id)
