@@ -16,6 +16,7 @@ import torch
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,); -1 where unlabelled
+    masks: torch.Tensor | None = None  # uint8 (N, H, W) segmentation masks, where the data set has them
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -28,7 +29,7 @@ class Split:
 
     def subset(self, index: np.ndarray | torch.Tensor) -> "Split":
         index = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], None if self.masks is None else self.masks[index])
 
 
 @dataclass
