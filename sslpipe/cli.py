@@ -6,12 +6,59 @@ torch, mlflow and the rest load inside `run()`.
 
 from __future__ import annotations
 
+import difflib
+import sys
+
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sslpipe.conf", config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def _app(cfg: DictConfig) -> dict | None:
     from sslpipe.run import run
 
     return run(cfg)
+
+
+def unknown_key_hint(args: list[str]) -> str | None:
+    """For an override of a key the config does not have (`stage.epoch=3`), name the keys it
+    does have at that level and the closest match. Runs only after Hydra has failed."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - Hydra already reported the parse error
+        return None
+    groups = {"method", "backbone", "dataset", "stage", "experiment"}
+    choices = [o.input_line for o in overrides if o.key_or_group in groups or o.key_or_group.startswith("+experiment")]
+    try:
+        with initialize_config_module("sslpipe.conf", version_base="1.3"):
+            cfg = compose("config", overrides=choices)
+    except Exception:  # noqa: BLE001 - the bad value is a group choice; Hydra named the options
+        return None
+    hints = []
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_delete() or key in groups or key.startswith("hydra") or "/" in key or "@" in key:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf in node:
+            continue
+        valid = sorted(str(k) for k in node.keys())
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hints.append(f"Unknown key '{key}'" + (f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else "")
+                     + f"; valid keys under '{parent or '<root>'}': {', '.join(valid)}")
+    return "\n".join(hints) or None
+
+
+def main() -> None:
+    try:
+        _app()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            hint = unknown_key_hint(sys.argv[1:])
+            if hint:
+                print(hint, file=sys.stderr)
+        raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Keys that describe a config node rather than feed its constructor.
 _DESCRIPTIVE = ("name",)
@@ -31,3 +31,19 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `python -m sslpipe <overrides>` would run with, composed in-process (for tests
+    and notebooks). Hydra's own node is set as current, so `${hydra:runtime.cwd}` resolves
+    to this process's working directory, as at a real launch."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_module("sslpipe.conf", version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
