@@ -7,6 +7,7 @@ torch, mlflow and the rest load inside `run()`.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 
 import hydra
@@ -17,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 def _app(cfg: DictConfig) -> dict | None:
     from sslpipe.run import run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as err:  # noqa: BLE001 - one clear line, the traceback only on request
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"sslpipe: error: {err}", file=sys.stderr)
+        print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def unknown_key_hint(args: list[str]) -> str | None:
