@@ -29,7 +29,9 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             flat.update(flatten(value, prefix=f"{name}."))
         else:
-            flat[name] = str(value)
+            from sslpipe.validate import redact
+
+            flat[name] = redact(str(value))  # no credentials from URIs in params
     return flat
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import random
 from pathlib import Path
@@ -29,6 +28,10 @@ def run_dir() -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
+    from sslpipe.validate import validate
+
+    validate(cfg)  # before anything is built or written
+
     from sslpipe.engine import resolve_device
     from sslpipe.stages import Context, dispatch
     from sslpipe.tracking import Tracker

@@ -88,7 +88,11 @@ def stage_run(ctx: Context, run_id: str | None = None):
 # ------------------------------------------------------------------ shared building blocks
 def build_splits(ctx: Context, labelled: bool) -> Splits:
     """The dataset's splits; with `labelled`, the train split keeps `dataset.fraction` per class."""
-    splits: Splits = build(ctx.cfg.dataset.source)
+    from sslpipe.validate import check_splits
+
+    ds = ctx.cfg.dataset
+    splits: Splits = build(ds.source)
+    check_splits(splits, ds.name, ds.channels, ds.num_classes, ds.image_size, labelled)
     if labelled:
         splits.train = stratified_fraction(splits.train, ctx.cfg.dataset.fraction, ctx.cfg.seed)
     return splits

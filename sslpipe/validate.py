@@ -1,0 +1,137 @@
+"""Checks on the composed config that run before anything is built or written.
+
+Hydra already rejects unknown groups, options and keys at compose time. What it cannot
+see are values: a label fraction of 1.5, a negative learning rate, k = 0. Each rule names
+a dotted key pattern, what fits, and a predicate; a failure names the key, the bad value
+and what would fit."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+# Modules whose classes and functions a config's `_target_` may name. Anything else needs
+# `allow_targets: [module.prefix, ...]` in the config: a yaml should not run arbitrary code.
+TRUSTED_TARGETS = ("sslpipe.", "torch.", "torchvision.", "timm.", "lightly.", "kornia.")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names it and what would fit."""
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+Rule = tuple[str, str, Callable[[Any], bool]]
+RULES: list[Rule] = [
+    ("dataset.fraction", "a label fraction in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
+    ("dataset.data_ratio", "a data ratio in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
+    ("dataset.image_size", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("dataset.channels", "1 or 3", lambda v: v in (1, 3)),
+    ("dataset.num_classes", "an integer >= 2", lambda v: _int(v) and v >= 2),
+    ("seed", "an integer", _int),
+    ("device", "one of auto, cpu, cuda, cuda:<n>", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
+    ("stage*.epochs", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("stage*.batch_size", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("stage*.max_steps", "null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
+    ("stage*.grad_accum", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("stage*.num_workers", "an integer >= 0", lambda v: _int(v) and v >= 0),
+    ("stage*.checkpoint_every", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("stage*.log_every", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("stage*.lr", "a learning rate > 0", lambda v: _num(v) and v > 0),
+    ("stage*.backbone_lr", "a learning rate >= 0 (0 freezes nothing; use linear_probe to freeze)", lambda v: _num(v) and v >= 0),
+    ("stage*.head_lr", "a learning rate > 0", lambda v: _num(v) and v > 0),
+    ("stage*.weight_decay", "a number >= 0", lambda v: _num(v) and v >= 0),
+    ("stage*.warmup_epochs", "a number >= 0", lambda v: _num(v) and v >= 0),
+    ("stage*.min_lr_ratio", "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
+    ("stage*.crop_min", "a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
+    ("stage*.k", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("stage*.temperature", "a number > 0", lambda v: _num(v) and v > 0),
+    ("method.temperature", "a number > 0", lambda v: _num(v) and v > 0),
+    ("method.*_dim", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("method.momentum_*", "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
+    ("dataset.augment.crop_scale", "[min, max] with 0 < min <= max <= 1",
+     lambda v: isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v) and 0 < v[0] <= v[1] <= 1),
+    ("dataset.augment.*_prob", "a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
+    ("dataset.augment.hflip", "a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
+]
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    yield prefix.rstrip("."), node
+
+
+def _targets(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield prefix or "<root>", node["_target_"]
+        for k, v in node.items():
+            yield from _targets(v, f"{prefix}{'.' if prefix else ''}{k}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value no stage could use."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
+        raise ConfigError(f"the config does not resolve: {err}") from None
+    for key, value in _walk(tree):
+        for pattern, fits, ok in RULES:
+            if fnmatch.fnmatchcase(key, pattern) and not isinstance(value, dict) and not ok(value):
+                raise ConfigError(f"{key}={value!r} does not fit: expected {fits}")
+    allowed = TRUSTED_TARGETS + tuple(f"{p.rstrip('.')}." for p in tree.get("allow_targets") or [])
+    for where, target in _targets(tree):
+        if not isinstance(target, str) or not target.startswith(allowed):
+            raise ConfigError(
+                f"{where}._target_={target!r} is outside the trusted modules ({', '.join(p.rstrip('.') for p in allowed)}); "
+                f"add its module to allow_targets=[...] if you mean it")
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<secret>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """`postgresql://user:pw@host/db` -> `postgresql://user:***@host/db`; also `?token=` style secrets."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return re.sub(r"(?i)((?:token|password|secret|api_key|apikey)=)[^&\s]+", r"\1***", text)
+
+
+def check_splits(splits, name: str, channels: int, num_classes: int, image_size: int, labelled: bool) -> None:
+    """Data faults caught before training: wrong channel count or image size, labels out of
+    range, empty splits or classes. The message names the split and the first bad index."""
+    import torch
+
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    for split_name, split in parts.items():
+        if split is None:
+            continue
+        where = f"dataset={name} {split_name} split"
+        if len(split) == 0:
+            raise ConfigError(f"{where} is empty")
+        c, h, w = split.images.shape[1:]
+        if c != channels:
+            raise ConfigError(f"{where} has {c}-channel images but dataset.channels={channels}")
+        if (h, w) != (image_size, image_size):
+            raise ConfigError(f"{where} has {h}x{w} images but dataset.image_size={image_size}")
+        labels = split.labels
+        bad = torch.nonzero((labels >= num_classes) | (labels < (-1 if split_name == "train" and not labelled else 0)))
+        if len(bad):
+            i = int(bad[0])
+            raise ConfigError(f"{where}: label {int(labels[i])} at index {i} is outside 0..{num_classes - 1} "
+                              f"(dataset.num_classes={num_classes})")
+    if labelled:
+        counts = torch.bincount(splits.train.labels.clamp_min(0), minlength=num_classes)
+        empty = [i for i, n in enumerate(counts.tolist()) if n == 0]
+        if empty:
+            raise ConfigError(f"dataset={name} train split has no images of class(es) {empty}; a probe needs every class")
