@@ -61,7 +61,31 @@ def unknown_key_hint(args: list[str]) -> str | None:
     return "\n".join(hints) or None
 
 
+GROUPS = ("method", "backbone", "dataset", "stage", "experiment")
+
+
+def check_choices(args: list[str]) -> str | None:
+    """`method=nosuch` -> one short line naming the bad option and the valid ones (Hydra's own
+    message for this also lists its search path). Sweeps (`method=a,b`) check each value."""
+    from importlib.resources import files
+
+    conf = files("sslpipe.conf")
+    for arg in args:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if not eq or key not in GROUPS or any(c in value for c in "()[]{}$"):
+            continue
+        valid = sorted(p.name.removesuffix(".yaml") for p in conf.joinpath(key).iterdir() if p.name.endswith(".yaml"))
+        for option in value.split(","):
+            if option not in valid:
+                return f"sslpipe: error: {key}={option} is not an option of '{key}'; valid: {', '.join(valid)}"
+    return None
+
+
 def main() -> None:
+    bad = check_choices(sys.argv[1:])
+    if bad:
+        print(bad, file=sys.stderr)
+        sys.exit(2)
     try:
         _app()
     except SystemExit as exit_:

@@ -14,10 +14,17 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     """Instantiate a `_target_` node, leaving out its descriptive keys (`name`)."""
     from hydra.utils import instantiate
 
+    from hydra.errors import InstantiationException
+
     plain = OmegaConf.to_container(node, resolve=True)
     for key in _DESCRIPTIVE:
         plain.pop(key, None)
-    return instantiate(plain, **kwargs)
+    try:
+        return instantiate(plain, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:  # the constructor's own error says more than Hydra's wrapper
+            raise err.__cause__ from None
+        raise
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:

@@ -9,26 +9,26 @@ from sklearn.model_selection import train_test_split
 from sslpipe.data import Split, Splits, resize_uint8, to_uint8_nchw
 
 
-def _cifar_class(name: str):
+def _cifar_class(variant: str):
     from torchvision import datasets
 
     readers = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
-    if name not in readers:
-        raise ValueError(f"unknown CIFAR variant '{name}'; valid: {sorted(readers)}")
-    return readers[name]
+    if variant not in readers:
+        raise ValueError(f"unknown CIFAR variant '{variant}'; valid: {sorted(readers)}")
+    return readers[variant]
 
 
-def load_cifar(name: str, root: str, download: bool = False, image_size: int = 32, val_size: int = 5000,
+def load_cifar(variant: str, root: str, download: bool = False, image_size: int = 32, val_size: int = 5000,
                split_seed: int = 0) -> Splits:
     """CIFAR-10/100 from the python-pickle batches (md5-checked by torchvision); `val_size`
     train images are held out, stratified, as the validation split."""
-    reader = _cifar_class(name)
+    reader = _cifar_class(variant)
     try:
         train = reader(root=root, train=True, download=download)
         test = reader(root=root, train=False, download=download)
     except RuntimeError as err:
         raise FileNotFoundError(
-            f"{name}: no valid data under root='{root}' ({err}). Put the extracted "
+            f"{variant}: no valid data under root='{root}' ({err}). Put the extracted "
             f"'{reader.base_folder}' folder there, or set dataset.download=true."
         ) from None
     images = resize_uint8(to_uint8_nchw(train.data), image_size)
