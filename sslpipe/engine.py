@@ -132,9 +132,10 @@ class Loop:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self.step_fn(images_u8, labels, progress)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at step {state.step} (epoch {state.epoch}); the last good "
-                        f"checkpoint is kept at {self.path}. Lower the learning rate or check the data.")
+                    kept = (f"the last good checkpoint is kept at {self.path}" if self.path.exists()
+                            else "no checkpoint had been written yet")
+                    raise NonFiniteLossError(f"loss became {loss.item()} at step {state.step} (epoch {state.epoch}); "
+                                             f"{kept}. Lower the learning rate or check the data.")
                 (loss / s.grad_accum).backward()
                 accum += 1
                 state.batch += 1
