@@ -34,7 +34,7 @@ Rule = tuple[str, str, Callable[[Any], bool]]
 RULES: list[Rule] = [
     ("dataset.fraction", "a label fraction in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
     ("dataset.data_ratio", "a data ratio in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
-    ("dataset.image_size", "an integer >= 1", lambda v: _int(v) and v >= 1),
+    ("dataset.image_size", "an integer in 1..2048", lambda v: _int(v) and 1 <= v <= 2048),
     ("dataset.channels", "1 or 3", lambda v: v in (1, 3)),
     ("dataset.num_classes", "an integer >= 2", lambda v: _int(v) and v >= 2),
     ("seed", "an integer", _int),

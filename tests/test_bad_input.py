@@ -70,7 +70,7 @@ CASES = [
     (["stage=pretrain", "dataset.augment.crop_scale=[0.9,0.1]"], ["crop_scale=[0.9, 0.1]"]),
     (["stage.stages=[knn,nosuch]"], ["nosuch", "linear_probe"]),
     (["stage=pretrain", "stage.batch_size=5000"], ["batch_size=5000"]),
-    (["dataset.image_size=0"], ["dataset.image_size=0"]),
+    (["dataset.image_size=0"], ["dataset.image_size=0", "1..2048"]),
 ]
 
 
