@@ -16,6 +16,7 @@ from sslpipe.config import build, flatten
 from sslpipe.data import Splits, stratified_fraction
 from sslpipe.distributed import world_size
 from sslpipe.tracking import Run, Tracker
+from sslpipe.validate import redact
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def stage_run(ctx: Context, run_id: str | None = None):
     run = ctx.tracker.start_run(name + ctx.run_name_suffix, tags(ctx), parent_id=ctx.parent_id, run_id=run_id)
     if run_id is None:
         run.log_params(flatten(cfg))
-        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        run.log_text(redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
     try:
         yield run
     except BaseException:
