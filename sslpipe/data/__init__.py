@@ -38,6 +38,30 @@ class Splits:
     test: Split
     val: Split | None = None
     classes: list[str] = field(default_factory=list)
+    # Images for pretraining only (labels -1), e.g. STL-10's 100k unlabelled split; the
+    # pretraining pool is train + unlabeled, the probes see train alone.
+    unlabeled: Split | None = None
+
+
+def concat(*splits: Split) -> Split:
+    """One split from several of the same image size; masks survive only where all have them."""
+    masks = [s.masks for s in splits]
+    return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]),
+                 torch.cat(masks) if all(m is not None for m in masks) else None)
+
+
+def data_ratio_subset(split: Split, ratio: float, seed: int) -> Split:
+    """Keep `ratio` of the images at all (seed 002's data ratio): stratified by class where every
+    image is labelled, a plain random subset otherwise (unlabelled pretraining pools)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"data_ratio must be in (0, 1], got {ratio}")
+    if ratio == 1.0:
+        return split
+    if bool((split.labels >= 0).all()):
+        return stratified_fraction(split, ratio, seed)
+    rng = np.random.default_rng(seed)
+    n = max(1, int(round(ratio * len(split))))
+    return split.subset(np.sort(rng.choice(len(split), size=n, replace=False)))
 
 
 def stratified_fraction(split: Split, fraction: float, seed: int) -> Split:
@@ -108,3 +132,13 @@ class EpochLoader:
         for b in range(self.start, len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.split.images[index], self.split.labels[index]
+
+
+def require_files(dataset: str, root: str, relpaths: list[str], hint: str) -> None:
+    """Fail before reading when files are missing: name the root, each missing file, and the fix."""
+    from pathlib import Path
+
+    missing = [p for p in relpaths if not (Path(root) / p).exists()]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+        raise FileNotFoundError(f"{dataset}: missing under root='{root}': {shown}. {hint}")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from sslpipe.data import Split, Splits, resize_uint8, to_uint8_nchw
+from sslpipe.data import Split, Splits, require_files, resize_uint8, to_uint8_nchw
 
 
 def _cifar_class(variant: str):
@@ -31,12 +31,68 @@ def load_cifar(variant: str, root: str, download: bool = False, image_size: int 
             f"{variant}: no valid data under root='{root}' ({err}). Put the extracted "
             f"'{reader.base_folder}' folder there, or set dataset.download=true."
         ) from None
-    images = resize_uint8(to_uint8_nchw(train.data), image_size)
-    labels = torch.as_tensor(train.targets, dtype=torch.long)
-    full = Split(images, labels)
+    full = Split(resize_uint8(to_uint8_nchw(train.data), image_size), torch.as_tensor(train.targets, dtype=torch.long))
     test_split = Split(resize_uint8(to_uint8_nchw(test.data), image_size), torch.as_tensor(test.targets, dtype=torch.long))
-    if val_size:
-        index = np.arange(len(full))
-        tr, va = train_test_split(index, test_size=val_size, stratify=labels.numpy(), random_state=split_seed)
-        return Splits(train=full.subset(np.sort(tr)), val=full.subset(np.sort(va)), test=test_split, classes=list(train.classes))
-    return Splits(train=full, test=test_split, classes=list(train.classes))
+    return _hold_out_val(full, test_split, list(train.classes), val_size, split_seed)
+
+
+def _hold_out_val(full: Split, test: Split, classes: list[str], val_size: int, split_seed: int,
+                  unlabeled: Split | None = None) -> Splits:
+    """`val_size` images of `full` held out, stratified, as the validation split (0: none)."""
+    if not val_size:
+        return Splits(train=full, test=test, classes=classes, unlabeled=unlabeled)
+    index = np.arange(len(full))
+    tr, va = train_test_split(index, test_size=val_size, stratify=full.labels.numpy(), random_state=split_seed)
+    return Splits(train=full.subset(np.sort(tr)), val=full.subset(np.sort(va)), test=test, classes=classes,
+                  unlabeled=unlabeled)
+
+
+# ------------------------------------------------------------------ STL-10
+def load_stl10(root: str, download: bool = False, image_size: int = 96, val_size: int = 500,
+               use_unlabeled: bool = True, split_seed: int = 0) -> Splits:
+    """STL-10 from the binary files in `<root>/stl10_binary` (md5-checked by torchvision):
+    5k labelled train, 8k test, and the 100k unlabelled images as `Splits.unlabeled` for
+    pretraining (2.7 GB in memory at 96 px; `use_unlabeled=false` skips them)."""
+    from torchvision.datasets import STL10
+
+    def read(split: str) -> STL10:
+        try:
+            return STL10(root=root, split=split, download=download)
+        except RuntimeError as err:
+            files = [f"{STL10.base_folder}/{name}" for name, _ in STL10.train_list + STL10.test_list]
+            require_files("stl10", root, files, "Extract stl10_binary.tar.gz there, or set dataset.download=true.")
+            raise FileNotFoundError(f"stl10: the files under root='{root}/{STL10.base_folder}' fail torchvision's "
+                                    f"md5 check ({err}); re-extract them or set dataset.download=true.") from None
+
+    def split_of(ds: STL10) -> Split:  # torchvision keeps STL-10 as (N, C, H, W) already
+        return Split(resize_uint8(torch.from_numpy(np.ascontiguousarray(ds.data)), image_size),
+                     torch.as_tensor(ds.labels, dtype=torch.long))
+
+    train, test = read("train"), read("test")
+    unlabeled = split_of(read("unlabeled")) if use_unlabeled else None
+    return _hold_out_val(split_of(train), split_of(test), list(train.classes), val_size, split_seed, unlabeled)
+
+
+# ------------------------------------------------------------------ MNIST, Fashion-MNIST
+def load_mnist(variant: str, root: str, download: bool = False, image_size: int = 28, val_size: int = 5000,
+               split_seed: int = 0) -> Splits:
+    """MNIST or Fashion-MNIST from the idx files in `<root>/<MNIST|FashionMNIST>/raw` (the
+    uncompressed `train-images-idx3-ubyte` etc., as torchvision reads them)."""
+    from torchvision import datasets
+
+    readers = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+    if variant not in readers:
+        raise ValueError(f"unknown MNIST variant '{variant}'; valid: {sorted(readers)}")
+    reader = readers[variant]
+    try:
+        train = reader(root=root, train=True, download=download)
+        test = reader(root=root, train=False, download=download)
+    except RuntimeError:
+        files = [f"{reader.__name__}/raw/{p}-{kind}-idx{d}-ubyte" for p in ("train", "t10k")
+                 for kind, d in (("images", 3), ("labels", 1))]
+        require_files(variant, root, files, "Put the uncompressed idx files there, or set dataset.download=true.")
+        raise
+    def split_of(ds) -> Split:
+        return Split(resize_uint8(ds.data.unsqueeze(1).contiguous(), image_size), ds.targets.long())
+
+    return _hold_out_val(split_of(train), split_of(test), list(train.classes), val_size, split_seed)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sslpipe.config import build, flatten
-from sslpipe.data import Splits, stratified_fraction
+from sslpipe.data import Splits, concat, data_ratio_subset, stratified_fraction
 from sslpipe.distributed import world_size
 from sslpipe.tracking import Run, Tracker
 from sslpipe.validate import redact
@@ -88,11 +88,19 @@ def stage_run(ctx: Context, run_id: str | None = None):
 
 # ------------------------------------------------------------------ shared building blocks
 def build_splits(ctx: Context, labelled: bool) -> Splits:
-    """The dataset's splits; with `labelled`, the train split keeps `dataset.fraction` per class."""
+    """The dataset's splits. `dataset.data_ratio` keeps that share of the training data at all
+    (seed 002); then with `labelled` the train split keeps `dataset.fraction` per class (seed
+    001), and without it the train split becomes the pretraining pool, train + unlabeled."""
     from sslpipe.validate import check_splits
 
     ds = ctx.cfg.dataset
     splits: Splits = build(ds.source)
+    ratio = ds.get("data_ratio", 1.0)
+    splits.train = data_ratio_subset(splits.train, ratio, ctx.cfg.seed)
+    if splits.unlabeled is not None:
+        splits.unlabeled = data_ratio_subset(splits.unlabeled, ratio, ctx.cfg.seed)
+        if not labelled:
+            splits.train, splits.unlabeled = concat(splits.train, splits.unlabeled), None
     check_splits(splits, ds.name, ds.channels, ds.num_classes, ds.image_size, labelled)
     if labelled:
         splits.train = stratified_fraction(splits.train, ctx.cfg.dataset.fraction, ctx.cfg.seed)
