@@ -56,3 +56,35 @@ def TimmBackbone(model_name: str, in_chans: int = 3, cifar_stem: bool = False, *
         model.conv1 = nn.Conv2d(in_chans, stem_out, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
+
+
+class YatCNN(nn.Module):
+    """A small CNN of YAT convolutions (seed 004's YatCNN), from the `nmn` package's torch layers.
+
+    A YAT unit computes y = alpha * (w . x + b)^2 / (||x - w||^2 + eps) (Bouhsine, "Deep
+    Learning 2.0: Artificial Neurons That Matter", 2024): it is non-linear by itself, so the
+    blocks have no activation and no normalisation. Each width in `widths` is one 3x3 YAT
+    convolution; a 2x2 average pool follows all but the last; global average pooling gives
+    (B, widths[-1]) features. (B, in_chans, H, W) -> (B, num_features)."""
+
+    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128, 128), epsilon: float = 1e-5,
+                 dropout: float = 0.0):
+        super().__init__()
+        from nmn.torch import YatConv2D
+
+        chans = [in_chans, *widths]
+        self.convs = nn.ModuleList(YatConv2D(cin, cout, 3, padding=1, epsilon=epsilon)
+                                   for cin, cout in zip(chans[:-1], chans[1:]))
+        self.pool = nn.AvgPool2d(2)
+        self.drop = nn.Dropout(dropout)
+        self.num_features = widths[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = self.drop(conv(x, deterministic=not self.training))
+            if i < len(self.convs) - 1 and min(x.shape[-2:]) >= 2:  # 16 px digits keep a 2x2 map
+                x = self.pool(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean((-2, -1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -12,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -75,10 +78,44 @@ def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[s
     return state
 
 
+def adapt_timm_state(backbone: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Make a plain timm or torchvision state dict fit a headless timm backbone, as timm does
+    when it loads pretrained weights: drop the classifier (`fc.*` for ResNets; torchvision's
+    ResNet keys equal timm's), and sum or repeat the first conv's RGB filters for another
+    input channel count (`timm.models.adapt_input_conv`). Only those two named places are
+    touched; anything else that does not fit still fails. Returns the state and what changed."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    expected = backbone.state_dict()
+    state, changes = dict(state), []
+    heads = cfg.get("classifier") or ()
+    for head in (heads,) if isinstance(heads, str) else heads:
+        prefix = f"{head}."
+        if not any(k.startswith(prefix) for k in expected):  # a headless backbone (num_classes=0)
+            dropped = sorted(k for k in state if k.startswith(prefix))
+            for k in dropped:
+                del state[k]
+            if dropped:
+                changes.append(f"dropped the classifier {', '.join(dropped)}")
+    first = f"{cfg['first_conv']}.weight" if isinstance(cfg.get("first_conv"), str) else None
+    if first in state and first in expected:
+        have, want = state[first].shape, expected[first].shape
+        if have != want and have[:1] + have[2:] == want[:1] + want[2:]:
+            from timm.models import adapt_input_conv
+
+            state[first] = adapt_input_conv(want[1], state[first])
+            changes.append(f"adapted {first} from {have[1]} to {want[1]} input channels")
+    return state, changes
+
+
 def load_encoder_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names missing, unexpected and mis-shaped keys instead of hiding them."""
+    """Strict load that names missing, unexpected and mis-shaped keys instead of hiding them.
+    Wrapper prefixes (`module.`, `backbone.`, `encoder_q.`) are stripped first, and a plain
+    timm/torchvision state dict is fitted to the headless backbone (`adapt_timm_state`)."""
     expected = backbone.state_dict()
     state = strip_prefixes(state, set(expected))
+    state, changes = adapt_timm_state(backbone, state)
+    for change in changes:
+        log.warning("pretrained weights from %s: %s", source, change)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(
