@@ -313,3 +313,11 @@ def test_data_ratio_cuts_the_unlabeled_pool_too():
 
     pool = Split(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.full((100,), -1))
     assert len(data_ratio_subset(pool, 0.25, seed=0)) == 25
+
+
+def test_resize_in_chunks_equals_one_pass():
+    from sslpipe.data import resize_uint8
+
+    x = torch.from_numpy(rng_images(10, 3, 20, 20))
+    one = torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(resize_uint8(x, 8, chunk=3), one.round().clamp(0, 255).to(torch.uint8))

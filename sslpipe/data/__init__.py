@@ -88,11 +88,17 @@ def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 (N, C, H, W), in chunks so that float copies
+    stay small (STL-10's 100k unlabelled images would take 11 GB as one float tensor)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        part = torch.nn.functional.interpolate(images[start:start + chunk].float(), size=(size, size), mode="bilinear",
+                                               align_corners=False, antialias=True)
+        out[start:start + chunk] = part.round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 class EpochLoader:
