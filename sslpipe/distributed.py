@@ -1,17 +1,190 @@
-"""Rank and world size (single process for now; torchrun/submitit in the cluster path)."""
+"""Rank, world size and torch.distributed set-up, from torchrun or SLURM (submitit or srun).
+
+Where the ranks come from, first match wins:
+- torchrun (or anything that exports RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT);
+- a SLURM job step with several tasks (srun, or Hydra's submitit launcher with
+  `tasks_per_node` > 1): submitit's `TorchDistributedEnvironment().export()` turns the
+  SLURM_* variables into those four (MASTER_PORT derived from the job id);
+- otherwise one process: rank 0 of 1.
+
+`rank()` and `world_size()` answer correctly before `setup()` runs, so that tracking
+(`Tracker` logs on rank 0 only) is right in every stage, not only the ones that train.
+"""
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _slurm_step_tasks() -> int:
+    """Tasks in this SLURM job step (srun / submitit), 1 outside a step. A batch script that
+    runs python directly is one process even in a `--ntasks=2` job: SLURM_STEP_ID is unset."""
+    if "SLURM_STEP_ID" not in os.environ or "SLURM_PROCID" not in os.environ:
+        return 1
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ["SLURM_PROCID"]) if _slurm_step_tasks() > 1 else 0
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return _slurm_step_tasks()
+
+
+def local_rank() -> int:
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return int(os.environ.get("SLURM_LOCALID", "0")) if _slurm_step_tasks() > 1 else 0
 
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def setup(device):
+    """Join the process group when there is more than one process; returns this rank's device
+    (cuda:<local rank> on GPUs). NCCL on CUDA, gloo on CPU. Idempotent."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return device
+    if "RANK" not in os.environ:  # a SLURM step: let submitit derive MASTER_ADDR/PORT, RANK, WORLD_SIZE
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # CUDA_VISIBLE_DEVICES is left alone: SLURM's gpu binding varies by site; we pick by local rank.
+        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        log.info("torch.distributed from SLURM: rank %d of %d, master %s:%d", env.rank, env.world_size,
+                 env.master_addr, env.master_port)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        log.info("joined process group: backend %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    return device
+
+
+def teardown() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (e.g. the run folder, so all ranks agree on it)."""
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_cat(tensor):
+    """Concatenate every rank's `tensor` (N_r, ...) along dim 0, in rank order; the N_r may
+    differ between ranks. Runs on the tensor's device; one process returns it unchanged."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return tensor
+    device = tensor.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        tensor = tensor.cuda()
+    n = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(device)
+
+
+def extract_features_sharded(extract, split):
+    """The kNN feature bank across ranks: each rank runs `extract(sub_split)` on every
+    world_size-th image (its shard), the shards are gathered and put back in `split`'s order,
+    so every rank ends with the (N, D) features of the whole split."""
+    import torch
+
+    if not is_initialized():
+        return extract(split)
+    ws, r = world_size(), rank()
+    mine = extract(split.subset(torch.arange(r, len(split), ws)))
+    gathered = all_gather_cat(mine)                         # rank 0's shard, then rank 1's, ...
+    order = torch.cat([torch.arange(q, len(split), ws) for q in range(ws)])
+    out = torch.empty_like(gathered)
+    out[order] = gathered
+    return out
+
+
+def wrap(model, device):
+    """DDP around `model` when distributed (SyncBatchNorm on GPUs first: BN statistics over
+    the global batch, as in SimCLR/BYOL); the model itself otherwise. The caller keeps the
+    unwrapped model for checkpoints, so their keys do not depend on the world size."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not is_initialized():
+        return model
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)  # gloo: BatchNorm statistics stay per rank
+
+
+def training_step_module(method):
+    """An nn.Module whose forward is `method.training_step`, so that DDP's forward (which arms
+    the gradient all-reduce) runs around the method's own step."""
+    import torch
+
+    class TrainingStep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.method = inner
+
+        def forward(self, views, labels, progress):
+            return self.method.training_step(views, labels, progress)
+
+    return TrainingStep(method)

@@ -18,12 +18,17 @@ import torch
 from torch import nn
 
 from sslpipe import checkpoint as ckpt
+from sslpipe import distributed
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGUSR2/SIGTERM, see sslpipe.preempt); the checkpoint is saved."""
 
 
 @dataclass
@@ -77,12 +82,13 @@ class Loop:
     def __init__(self, model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
                  optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
                  checkpoint_path: Path, log_metrics: Callable[[dict, int], None] = lambda m, s: None,
-                 after_step: Callable[[float], None] = lambda p: None):
+                 after_step: Callable[[float], None] = lambda p: None,
+                 should_stop: Callable[[], bool] = lambda: False):
         if settings.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
         self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
         self.settings, self.device, self.path = settings, device, Path(checkpoint_path)
-        self.log_metrics, self.after_step = log_metrics, after_step
+        self.log_metrics, self.after_step, self.should_stop = log_metrics, after_step, should_stop
         self.total = total_steps(settings, len(loader))
         if self.total < 1:
             raise ValueError(f"nothing to train: {settings.epochs} epochs of {len(loader)} batches "
@@ -95,6 +101,8 @@ class Loop:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        if not distributed.is_main():  # one writer; every rank resumes from the same file
+            return
         ckpt.atomic_save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
@@ -163,6 +171,9 @@ class Loop:
                         self.save()
                     if state.step >= self.total:
                         break
+                    if self.should_stop():  # preemption / time-out: checkpoint here, the stage hands over
+                        self.save()
+                        raise Preempted(f"stopped at step {state.step} by a signal; checkpoint {self.path}")
                 t_data = time.perf_counter()
             else:
                 if accum:  # a partial accumulation at the epoch's end is dropped, so resume is exact

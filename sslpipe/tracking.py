@@ -2,12 +2,23 @@
 
 Metrics are buffered and written with `log_batch` (one round trip for many values), so
 logging never costs a training step more than a list append. Only rank 0 writes;
-elsewhere `Tracker.start_run` returns a run that does nothing."""
+elsewhere `Tracker.start_run` returns a run that does nothing.
+
+Many jobs share one store (a sweep of SLURM jobs writing to one SQLite file). MLflow already
+sets SQLite's busy timeout (20 s), but SQLite still answers "database is locked" at once in
+some cases (a reader upgrading to a writer), and a fresh file is being created by whichever
+job comes first. So every write is retried with jittered exponential backoff; a metric flush
+that still fails keeps its values in the buffer for the next flush instead of stopping
+training; and what could not be written by the end of the run is saved to a JSON-lines file
+(named in an error message) rather than lost. On resume, metric steps already in the store
+are skipped, so a run killed between a flush and its checkpoint shows no step twice."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import subprocess
 import tempfile
 import time
@@ -35,40 +46,93 @@ def tracking_uri(configured: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured
 
 
+# Backoff for a store that is briefly unavailable: 0.05 s doubling to 5 s, within a budget.
+RETRY_BUDGET_S = float(os.environ.get("SSLPIPE_TRACKING_RETRY_S", "120"))
+
+
+def retry(fn, what: str, budget_s: float | None = None):
+    """`fn()` until it succeeds or `budget_s` seconds have gone by (then its error is raised).
+    Any error counts as transient: a locked SQLite file, a restarting tracking server."""
+    budget = RETRY_BUDGET_S if budget_s is None else budget_s
+    deadline, delay, attempt = time.monotonic() + budget, 0.05, 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - mlflow/sqlalchemy raise many types for one cause
+            if time.monotonic() + delay > deadline:
+                raise
+            if attempt == 3:
+                log.warning("tracking store busy or unavailable (%s: %s); retrying %s", type(err).__name__,
+                            str(err).splitlines()[0][:200], what)
+            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers do not retry in lock-step
+            delay = min(delay * 2, 5.0)
+
+
 class Run:
     """A started MLflow run; metrics go through a buffer flushed every `flush_every` steps."""
 
-    def __init__(self, client, run_id: str, flush_every: int = 50):
+    def __init__(self, client, run_id: str, flush_every: int = 50, resumed: bool = False, spill_dir: Path | None = None):
         self.client, self.id, self.flush_every = client, run_id, flush_every
         self._buffer: list = []
         self._calls = 0
+        self.spill_dir = spill_dir
+        # On resume: the last step already stored per metric key; those steps are not logged again.
+        self._stored_until: dict[str, int] = self._stored_steps() if resumed else {}
+
+    def _stored_steps(self) -> dict[str, int]:
+        keys = retry(lambda: list(self.client.get_run(self.id).data.metrics), "reading the resumed run")
+        return {k: max((m.step for m in retry(lambda: self.client.get_metric_history(self.id, k), "reading history")),
+                       default=-1) for k in keys}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._buffer += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                         if int(step) > self._stored_until.get(k, -1)]
         self._calls += 1
         if self._calls % self.flush_every == 0:
-            self.flush()
+            self.flush(budget_s=min(RETRY_BUDGET_S, 10.0), raise_errors=False)  # never stop training for the store
 
-    def flush(self) -> None:
+    def flush(self, budget_s: float | None = None, raise_errors: bool = True) -> None:
+        """Write the buffered metrics. With `raise_errors=False` a store that stays unavailable
+        leaves them buffered (logged once as a warning) for the next flush."""
         while self._buffer:
             chunk = self._buffer[:1000]  # MLflow's log_batch limit
-            self.client.log_batch(self.id, metrics=chunk)
+            try:
+                retry(lambda: self.client.log_batch(self.id, metrics=chunk), "writing metrics", budget_s)
+            except Exception as err:  # noqa: BLE001
+                if raise_errors:
+                    raise
+                log.warning("could not write %d metric values yet (%s); kept for the next flush", len(self._buffer), err)
+                return
             del self._buffer[: len(chunk)]
+
+    def _spill(self) -> Path:
+        """The metrics that could not be written, as JSON lines, beside the store or here."""
+        folder = self.spill_dir or Path.cwd()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"unwritten-metrics-{self.id}.jsonl"
+        with open(path, "a") as f:
+            for m in self._buffer:
+                f.write(json.dumps({"run_id": self.id, "key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                    "step": m.step}) + "\n")
+        return path
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH_PARAMS):
-            self.client.log_batch(self.id, params=items[i : i + _BATCH_PARAMS])
+            chunk = items[i : i + _BATCH_PARAMS]
+            retry(lambda: self.client.log_batch(self.id, params=chunk), "writing params")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        retry(lambda: self.client.log_batch(self.id, tags=items), "writing tags")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -81,8 +145,14 @@ class Run:
         self.client.log_text(self.id, text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        self.flush()
-        self.client.set_terminated(self.id, status=status)
+        try:
+            self.flush()
+        except Exception as err:  # noqa: BLE001 - the numbers must survive; say where they are
+            path = self._spill()
+            log.error("%d metric values of run %s could not be written to the tracking store (%s); saved to %s "
+                      "(replay: python -m sslpipe.tracking replay %s)", len(self._buffer), self.id, err, path, path)
+            self._buffer.clear()
+        retry(lambda: self.client.set_terminated(self.id, status=status), "ending the run")
 
 
 class NullRun(Run):
@@ -92,7 +162,7 @@ class NullRun(Run):
         self.id = None
 
     def log_metrics(self, metrics, step): pass
-    def flush(self): pass
+    def flush(self, budget_s=None, raise_errors=True): pass
     def log_params(self, params): pass
     def set_tags(self, tags): pass
     def log_artifact(self, path, artifact_path=None): pass
@@ -112,25 +182,45 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            client = MlflowClient(tracking_uri=self.uri)
             if self.uri.startswith("sqlite:///"):
-                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.uri)
+                db = Path(self.uri.removeprefix("sqlite:///"))
+                db.parent.mkdir(parents=True, exist_ok=True)
+                # The first use of a SQLite file creates and migrates its tables. Two jobs doing
+                # that at once leave it half-migrated for good ("table _alembic_tmp_... already
+                # exists"), so the first use is serialised with a lock file beside it.
+                import fcntl
+
+                with open(db.with_name(db.name + ".init.lock"), "w") as lock:
+                    fcntl.lockf(lock, fcntl.LOCK_EX)
+                    retry(lambda: client.search_experiments(max_results=1), "opening the store")
+            self._client = client
         return self._client
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment_name)
-            if found is not None:
-                self._experiment_id = found.experiment_id
-            else:
-                location = None
-                if self.artifact_root and "://" not in self.artifact_root:
-                    location = Path(self.artifact_root).resolve().as_uri()
-                elif self.artifact_root:
-                    location = self.artifact_root
-                self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+            self._experiment_id = retry(self._get_or_create_experiment, "opening the experiment")
         return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
+        # A fresh store: several jobs may create its tables and the experiment at the same
+        # moment; the losers fail and, retried, find what the winner made.
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.artifact_root and "://" not in self.artifact_root:
+            location = Path(self.artifact_root).resolve().as_uri()
+        elif self.artifact_root:
+            location = self.artifact_root
+        return self.client.create_experiment(self.experiment_name, artifact_location=location)
+
+    @property
+    def spill_dir(self) -> Path | None:
+        if self.uri.startswith("sqlite:///"):
+            return Path(self.uri.removeprefix("sqlite:///")).parent / "unwritten"
+        return None
 
     def start_run(self, name: str, tags: dict[str, Any], parent_id: str | None = None,
                   run_id: str | None = None) -> Run:
@@ -138,16 +228,17 @@ class Tracker:
         if not is_main():
             return NullRun()
         if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-            return Run(self.client, run_id)
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopening the run")
+            return Run(self.client, run_id, resumed=True, spill_dir=self.spill_dir)
         tags = {k: str(v) for k, v in tags.items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        created = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return Run(self.client, created.info.run_id)
+        experiment_id = self.experiment_id
+        created = retry(lambda: self.client.create_run(experiment_id, run_name=name, tags=tags), "creating the run")
+        return Run(self.client, created.info.run_id, spill_dir=self.spill_dir)
 
 
 def resolve_run_checkpoint(spec: str, uri: str | None = None) -> str:
@@ -173,3 +264,26 @@ def resolve_run_checkpoint(spec: str, uri: str | None = None) -> str:
     if not files:
         raise FileNotFoundError(f"pretrained='{spec}': run {run_id} has an empty checkpoints artefact")
     return str(files[0])
+
+
+def replay(path: str | Path, uri: str | None = None) -> int:
+    """Write a spilled `unwritten-metrics-<run id>.jsonl` into the store; returns the count."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for run_id in {r["run_id"] for r in rows}:
+        metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows if r["run_id"] == run_id]
+        for i in range(0, len(metrics), 1000):
+            chunk = metrics[i : i + 1000]
+            retry(lambda: client.log_batch(run_id, metrics=chunk), "replaying metrics")
+    return len(rows)
+
+
+if __name__ == "__main__":  # python -m sslpipe.tracking replay <file> [<uri>]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "replay":
+        sys.exit("usage: python -m sslpipe.tracking replay <unwritten-metrics-*.jsonl> [<tracking uri>]")
+    print(f"replayed {replay(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)} metric values")

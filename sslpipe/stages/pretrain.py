@@ -7,11 +7,13 @@ import logging
 import torch
 
 from sslpipe import checkpoint as ckpt
+from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data import EpochLoader
 from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
-from sslpipe.engine import Loop, LoopSettings
+from sslpipe.engine import Loop, LoopSettings, Preempted
+from sslpipe.preempt import StopSignal
 from sslpipe.stages import Context, StageResult, build_backbone, build_splits, print_table, stage_run
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ def _loop_settings(st) -> LoopSettings:
 
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
+    # ------------------------------------------------------------ processes (one, or DDP ranks from torchrun / SLURM)
+    ctx.device = distributed.setup(ctx.device)
+    ctx.run_dir = distributed.broadcast_object(ctx.run_dir)  # rank 0's folder: one checkpoint for all ranks
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=False)
     loader = EpochLoader(splits.train, st.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
@@ -36,13 +41,27 @@ def run(ctx: Context) -> StageResult:
                       local_views=method.local_views).to(ctx.device)
     optimizer = build(st.optimizer)([p for p in method.parameters() if p.requires_grad])
 
+    train_step = distributed.wrap(distributed.training_step_module(method), ctx.device)  # DDP when distributed
+
     def step(images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
-        return method.training_step(views(images), labels, progress)
+        return train_step(views(images), labels, progress)
 
     # ------------------------------------------------------------ fit (resuming when our checkpoint exists)
+    stop = StopSignal().install()  # SIGUSR2 / SIGTERM: checkpoint at the next step, then requeue
     loop = Loop(method, step, optimizer, loader, _loop_settings(st), ctx.device,
-                ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step)
+                ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step, should_stop=stop.requested)
     loop.resume()
+    try:
+        return _fit(ctx, method, loop)
+    except Preempted as stopped:
+        log.warning("%s", stopped)
+        stop.hand_over()  # requeue (submitit / sbatch) and exit
+    finally:
+        stop.restore()
+
+
+def _fit(ctx: Context, method, loop: Loop) -> StageResult:
+    cfg = ctx.cfg
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
         history: list[tuple[int, float]] = []
@@ -55,7 +74,8 @@ def run(ctx: Context) -> StageResult:
         loop.run()
         # ------------------------------------------------------------ save and log
         final = ctx.run_dir / "checkpoints" / "final.pt"
-        ckpt.atomic_save({"encoder": method.backbone.state_dict(), "projector": method.projector.state_dict()}, final)
+        if distributed.is_main():
+            ckpt.atomic_save({"encoder": method.backbone.state_dict(), "projector": method.projector.state_dict()}, final)
         run.set_tags({"sslpipe.checkpoint": str(final.resolve())})
         if cfg.tracking.log_checkpoints:
             run.log_artifact(final, "checkpoints")
