@@ -86,6 +86,7 @@ def teardown() -> None:
     import torch.distributed as dist
 
     if is_initialized():
+        dist.barrier()  # no rank tears down its connections while another still reads from them
         dist.destroy_process_group()
 
 

@@ -182,8 +182,9 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri=self.uri)
-            if self.uri.startswith("sqlite:///"):
+            if not self.uri.startswith("sqlite:///"):
+                self._client = MlflowClient(tracking_uri=self.uri)
+            else:
                 db = Path(self.uri.removeprefix("sqlite:///"))
                 db.parent.mkdir(parents=True, exist_ok=True)
                 # The first use of a SQLite file creates and migrates its tables. Two jobs doing
@@ -193,8 +194,9 @@ class Tracker:
 
                 with open(db.with_name(db.name + ".init.lock"), "w") as lock:
                     fcntl.lockf(lock, fcntl.LOCK_EX)
+                    client = MlflowClient(tracking_uri=self.uri)
                     retry(lambda: client.search_experiments(max_results=1), "opening the store")
-            self._client = client
+                self._client = client
         return self._client
 
     @property

@@ -1,0 +1,238 @@
+"""Resume without SLURM: SIGKILL or SIGUSR2 mid-training, rerun in the same run folder, and
+the run ends with the weights of an uninterrupted one in the same MLflow run with no metric
+step twice. DDP on two gloo processes; eight writers on one SQLite store lose nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslpipe import checkpoint as ckpt
+
+# 120 steps of 64 digits on a narrow CNN: ~6 s of training on one thread. A checkpoint every
+# 40 steps and metrics flushed every 50 log calls, so a kill after a flush and before the next
+# checkpoint would write steps 41..50 twice unless resume skips stored steps.
+RUN = ["stage=pretrain", "stage.epochs=10", "stage.max_steps=120", "stage.batch_size=64", "stage.checkpoint_every=40",
+       "stage.log_every=1", "backbone.width=8", "backbone.num_features=32"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same float reductions in every run
+ENV.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _cli(args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "sslpipe", *args], cwd=cwd, env=ENV, capture_output=True, text=True, **kw)
+
+
+def _popen(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "sslpipe", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _store(cwd: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{cwd}/outputs/mlflow.db")
+
+
+def _runs(cwd: Path):
+    client = _store(cwd)
+    experiment = client.get_experiment_by_name("sslpipe")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def _steps(client, run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = ckpt.load(a / "checkpoints" / "final.pt"), ckpt.load(b / "checkpoints" / "final.pt")
+    for part in ("encoder", "projector"):
+        assert wa[part].keys() == wb[part].keys()
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), f"{part}.{k} differs"  # bitwise on CPU
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of RUN, seed 0: its run folder."""
+    cwd = tmp_path_factory.mktemp("reference")
+    done = _cli([*RUN, "hydra.run.dir=outputs/reference"], cwd, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd / "outputs" / "reference"
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_flush_resumes_into_the_same_run_without_duplicate_steps(tmp_path, reference):
+    run_dir = tmp_path / "outputs" / "job"
+    proc = _popen([*RUN, f"hydra.run.dir={run_dir}"], tmp_path)
+
+    def flushed_past_checkpoint() -> bool:  # steps 41..50 stored, checkpoint still at 40
+        try:
+            client, runs = _runs(tmp_path)
+            return bool(runs) and max(_steps(client, runs[0].info.run_id), default=0) >= 50
+        except Exception:  # noqa: BLE001 - the store is being created
+            return False
+
+    assert _wait_for(flushed_past_checkpoint, proc), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    client, runs = _runs(tmp_path)
+    first_id = runs[0].info.run_id
+
+    done = _cli([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [first_id]          # the same MLflow run, continued
+    assert runs[0].info.status == "FINISHED"
+    for key in ("train/loss", "train/lr"):
+        assert _steps(client, first_id, key) == list(range(1, 121)), key  # every step once
+    assert_same_weights(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_sigusr2_checkpoints_at_the_next_step_and_exits_then_resumes(tmp_path, reference):
+    run_dir = tmp_path / "outputs" / "job"
+    proc = _popen([*RUN, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert _wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists(), proc), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGUSR2)  # what SLURM sends ahead of the time limit
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    stopped_at = ckpt.load(run_dir / "checkpoints" / "last.pt")["loop"]["step"]
+    assert 40 < stopped_at < 120 and stopped_at % 40, "the signal's own checkpoint, not a periodic one"
+    assert not (run_dir / "checkpoints" / "final.pt").exists()
+    client, runs = _runs(tmp_path)
+    assert _steps(client, runs[0].info.run_id) == list(range(1, stopped_at + 1))  # flushed up to the stop
+
+    done = _cli([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _steps(client, runs[0].info.run_id) == list(range(1, 121))
+    assert_same_weights(reference, run_dir)
+
+
+# ---------------------------------------------------------------- DDP on two gloo processes
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sslpipe import distributed
+    from sslpipe.data import Split
+
+    distributed.setup(torch.device("cpu"))
+    torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    class Step(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x).pow(2).mean()
+
+    ddp = distributed.wrap(Step(model), torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(3):
+        x = torch.full((5, 4), float(rank + i))  # different data per rank
+        opt.zero_grad()
+        ddp(x).backward()
+        opt.step()
+    assert distributed.any_rank(rank == 1) is True
+    feats = distributed.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # uneven shards
+    split = Split(torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1), torch.arange(7))
+    bank = distributed.extract_features_sharded(lambda s: s.images.float().view(-1, 1) * 10, split)
+    torch.save({"weights": model.state_dict(), "feats": feats, "bank": bank}, f"{out}/rank{rank}.pt")
+    distributed.teardown()
+
+
+def test_ddp_two_gloo_ranks_agree_and_gather(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k  # same start, averaged gradients
+    assert torch.equal(r0["feats"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    assert torch.equal(r0["bank"], torch.arange(7).float().view(-1, 1) * 10)  # whole split, original order
+    assert torch.equal(r1["bank"], r0["bank"])
+
+
+# ---------------------------------------------------------------- many writers, one store
+WRITER = r"""
+import sys
+from sslpipe.tracking import Tracker
+uri, name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+run = Tracker(uri, "sslpipe").start_run(name, {"sslpipe.stage": "pretrain"})
+run.flush_every = 1                      # a write per step: as much contention as possible
+for step in range(1, steps + 1):
+    run.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1, "train/images_per_s": 100.0 + step}, step)
+run.end()
+print(run.id)
+"""
+
+
+@pytest.mark.slow
+def test_eight_concurrent_writers_lose_no_metric_step(tmp_path):
+    uri, steps = f"sqlite:///{tmp_path}/outputs/mlflow.db", 150  # a fresh store: its creation races too
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, f"writer-{i}", str(steps)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
+    outs = [p.communicate(timeout=280) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])
+    assert len(runs) == 8
+    for r in runs:
+        for key in ("train/loss", "train/lr", "train/images_per_s"):
+            assert _steps(client, r.info.run_id, key) == list(range(1, steps + 1)), (r.info.run_name, key)
+    assert not list((tmp_path / "outputs").glob("unwritten/*"))  # nothing had to be spilled
+
+
+def test_an_unavailable_store_never_stops_training_and_spills_what_it_could_not_write(tmp_path, monkeypatch):
+    from sslpipe import tracking
+
+    class DownClient:
+        def log_batch(self, *a, **kw):
+            raise ConnectionError("store down")
+
+        def set_terminated(self, *a, **kw):
+            pass
+
+    monkeypatch.setattr(tracking, "RETRY_BUDGET_S", 0.2)
+    run = tracking.Run(DownClient(), "abc123", flush_every=2, spill_dir=tmp_path)
+    for step in range(1, 6):
+        run.log_metrics({"train/loss": float(step)}, step)  # flushes fail quietly, values stay buffered
+    run.end()  # the final flush fails too: spilled to a file, named in the log
+    spilled = tmp_path / "unwritten-metrics-abc123.jsonl"
+    assert len(spilled.read_text().splitlines()) == 5
+
+    store = tmp_path / "store"
+    tracker = tracking.Tracker(f"sqlite:///{store}/mlflow.db", "sslpipe")
+    real = tracker.start_run("replayed", {})
+    spilled.write_text(spilled.read_text().replace("abc123", real.id))
+    assert tracking.replay(spilled, tracker.uri) == 5
+    assert _steps(tracker.client, real.id) == [1, 2, 3, 4, 5]
