@@ -1,0 +1,226 @@
+"""On a real SLURM cluster (scripts/slurm-cluster.sh; CI starts one): Hydra's submitit sweep,
+a 2-task DDP job, preemption and time-out signals that requeue and resume into the same MLflow
+run with the weights of an uninterrupted run, kill -9 then resubmit, and the guide's commands.
+
+Skipped only where sbatch is absent and CI is not set; with CI=true a missing cluster fails."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_resume import _runs, _steps, assert_same_weights
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# Long enough (~150 steps, several seconds) that a signal lands mid-training, short enough for CI.
+TRAIN = ["stage=pretrain", "stage.epochs=10", "stage.max_steps=150", "stage.batch_size=64", "stage.checkpoint_every=50",
+         "stage.log_every=1", "backbone.width=8", "backbone.num_features=32"]
+TINY = ["stage=pretrain", "stage.epochs=1", "stage.max_steps=3", "stage.batch_size=64", "backbone.width=8",
+        "backbone.num_features=32"]
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SSLPIPE_PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    if shutil.which("sbatch") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but sbatch is absent: run scripts/slurm-cluster.sh install && scripts/slurm-cluster.sh start")
+        pytest.skip("no SLURM here (sbatch absent); CI runs these on a real one-node cluster")
+    up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    assert up.returncode == 0 and re.search(r"idle|mix|alloc", up.stdout), \
+        f"sbatch is installed but the cluster does not answer (sinfo: {up.stdout or up.stderr}); scripts/slurm-cluster.sh start"
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def sweep(cwd: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun", *overrides],
+              cwd, timeout)
+
+
+def sacct_states(job: str) -> list[str]:
+    """Every state the job has been in, requeues included (-D: duplicates)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True, text=True,
+                         timeout=30)
+    return out.stdout.split()
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def settled_states(job: str, timeout: float = 60) -> list[str]:
+    """sacct's states once the job has left RUNNING (submitit returns as soon as the result
+    file exists, a moment before SLURM records the end)."""
+    return wait_until(lambda: (lambda st: st if st and st[-1] not in ("RUNNING", "PENDING", "COMPLETING") else None)(
+        sacct_states(job)), timeout, f"job {job} to end")
+
+
+def wait_releasing_requeued(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for the launcher; meanwhile start any requeued job at once. slurmctld holds a
+    requeued job ~2 minutes (reason BeginTime) before it may run again; on a real cluster
+    that is harmless, in CI it is most of the test's time."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        held = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
+        for line in held.splitlines():
+            job, reason = line.split(maxsplit=1)
+            if reason.strip() == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    return out
+
+
+def submitit_jobs(sweep_dir: Path) -> list[str]:
+    """The SLURM ids of a sweep's jobs: `<array id>_<index>`, or `<id>` for a single job."""
+    ids = [p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
+    return sorted(i for i in ids if "_" in i) or sorted(ids)  # an array's folder "<id>" holds only its script
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted local run of TRAIN (seed 0, one thread): its run folder."""
+    cwd = tmp_path_factory.mktemp("reference")
+    sh([sys.executable, "-m", "sslpipe", *TRAIN, "hydra.run.dir=outputs/reference"], cwd)
+    return cwd / "outputs" / "reference"
+
+
+# ---------------------------------------------------------------- 1. a sweep as SLURM jobs
+def test_sweep_of_two_methods_runs_as_slurm_jobs(tmp_path):
+    sweep(tmp_path, *TINY, "method=simclr,byol")
+    jobs = submitit_jobs(tmp_path / "multirun")
+    assert len(jobs) == 2 and all(settled_states(j) == ["COMPLETED"] for j in jobs), jobs
+    client, runs = _runs(tmp_path)
+    assert sorted(r.data.tags["sslpipe.method"] for r in runs) == ["byol", "simclr"]
+    raw_ids = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobIDRaw", "-j", jobs[0].split("_")[0]],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    assert sorted(r.data.tags["slurm.job_id"] for r in runs) == sorted(raw_ids)  # the real SLURM jobs, one each
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert Path(r.data.tags["sslpipe.checkpoint"]).exists()
+
+
+# ---------------------------------------------------------------- 2. two tasks, DDP over gloo
+def test_two_task_job_trains_with_ddp(tmp_path):
+    sweep(tmp_path, *TINY, "stage.max_steps=4", "stage.batch_size=32", "stage.log_every=1",
+          "hydra.launcher.tasks_per_node=2")
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1                                           # rank 0 logs, rank 1 does not
+    assert runs[0].data.tags["sslpipe.world_size"] == "2"
+    assert _steps(client, runs[0].info.run_id) == [1, 2, 3, 4]
+    logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+    for rank in (0, 1):
+        assert f"joined process group: backend gloo, rank {rank} of 2" in logs
+    assert sorted(p.name for p in (tmp_path / "multirun" / "0" / "checkpoints").iterdir()) == ["final.pt", "last.pt"]
+
+
+# ---------------------------------------------------------------- 3. signals, requeue, resume
+def _requeued_run_matches_reference(cwd: Path, run_dir: Path, reference: Path, job: str) -> None:
+    assert "REQUEUED" in settled_states(job), sacct_states(job)
+    client, runs = _runs(cwd)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"      # one MLflow run across the requeue
+    for key in ("train/loss", "train/lr"):
+        assert _steps(client, runs[0].info.run_id, key) == list(range(1, 151)), key  # continued, no step twice
+    assert_same_weights(reference, run_dir)                          # bitwise, as if never stopped
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, reference):
+    """SIGUSR2 (what SLURM sends ahead of the limit, here on demand with scancel --signal)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
+                             *TRAIN], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "multirun" / "0"
+    try:
+        wait_until(lambda: (run_dir / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint", poll=0.05)
+        job = submitit_jobs(tmp_path / "multirun")[0]
+        sh(["scancel", "--signal=USR2", job], tmp_path)
+        out = wait_releasing_requeued(proc, 240)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, out[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+    assert "by a signal" in logs and "resumed from" in logs, logs[-3000:]
+    _requeued_run_matches_reference(tmp_path, run_dir, reference, job)
+
+
+def test_time_limit_signal_requeues_and_resumes(tmp_path, reference):
+    """A real time limit: timeout_min=1 with SIGUSR2 50 s before it (slurmctld delivers it up to
+    ~30 s late); each requeued attempt resumes where the last one stopped."""
+    slow = [*TRAIN, "stage.max_steps=150", "stage.batch_size=256", "backbone.width=16"]  # ~40 s per attempt budget
+    proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
+                             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", *slow], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = wait_releasing_requeued(proc, 420)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, out[-3000:]
+    job = submitit_jobs(tmp_path / "multirun")[0]
+    logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+    assert "this job is timed-out" in logs and "resumed from" in logs, logs[-3000:]
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _steps(client, runs[0].info.run_id) == list(range(1, 151))
+    assert "REQUEUED" in settled_states(job)
+
+
+def test_kill_9_then_resubmit_resumes_from_the_run_folder(tmp_path, reference):
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    job = sh(["sbatch", "--parsable", "slurm/stage.sbatch", *TRAIN], tmp_path).stdout.strip()
+    run_dir = tmp_path / "outputs" / "slurm" / job
+    wait_until(lambda: (run_dir / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint", poll=0.05)
+    sh(["scancel", "--signal=KILL", "--full", job], tmp_path)
+    wait_until(lambda: "RUNNING" not in sacct_states(job) and sacct_states(job), 60, "the kill")
+    assert not (run_dir / "checkpoints" / "final.pt").exists()
+    # Resubmitted: a new job id, so the run folder is named explicitly.
+    again = sh(["sbatch", "--parsable", "--wait", f"--export=ALL,SSLPIPE_RUN_DIR=outputs/slurm/{job}",
+                "slurm/stage.sbatch", *TRAIN], tmp_path, timeout=300).stdout.strip()
+    assert settled_states(again) == ["COMPLETED"]
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {runs[0].data.tags["slurm.job_id"]} <= {job, again}
+    assert _steps(client, runs[0].info.run_id) == list(range(1, 151))
+    assert_same_weights(reference, run_dir)
+
+
+# ---------------------------------------------------------------- 5. the guide, as a new user runs it
+def test_cluster_guide_commands_run(tmp_path):
+    guide = (REPO / "slurm" / "README.md").read_text()
+    block = re.search(r"<!-- tested: begin -->\s*```bash\n(.*?)```\s*<!-- tested: end -->", guide, re.S)
+    assert block, "slurm/README.md lost its tested quick-start block"
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    script = tmp_path / "guide.sh"
+    script.write_text("set -euo pipefail\n" + block.group(1))
+    sh(["bash", str(script)], tmp_path, timeout=400)
+    wait_until(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 180,
+               "the guide's jobs to finish")
+    client, runs = _runs(tmp_path)
+    stages = sorted(r.data.tags["sslpipe.stage"] for r in runs)
+    assert stages == ["knn", "pretrain", "pretrain", "pretrain", "pretrain"], stages
+    assert all(r.info.status == "FINISHED" for r in runs)
