@@ -169,10 +169,11 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, reference)
     _requeued_run_matches_reference(tmp_path, run_dir, reference, job)
 
 
-def test_time_limit_signal_requeues_and_resumes(tmp_path, reference):
+def test_time_limit_signal_requeues_and_resumes(tmp_path):
     """A real time limit: timeout_min=1 with SIGUSR2 50 s before it (slurmctld delivers it up to
     ~30 s late); each requeued attempt resumes where the last one stopped."""
-    slow = [*TRAIN, "stage.max_steps=150", "stage.batch_size=256", "backbone.width=16"]  # ~40 s per attempt budget
+    steps = 2000  # ~70 s of training here: longer than the 10-40 s until the first signal
+    slow = [*TRAIN, "stage.epochs=100", f"stage.max_steps={steps}", "stage.checkpoint_every=500"]
     proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
                              "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", *slow], cwd=tmp_path,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -186,7 +187,7 @@ def test_time_limit_signal_requeues_and_resumes(tmp_path, reference):
     assert "this job is timed-out" in logs and "resumed from" in logs, logs[-3000:]
     client, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert _steps(client, runs[0].info.run_id) == list(range(1, 151))
+    assert _steps(client, runs[0].info.run_id) == list(range(1, steps + 1))
     assert "REQUEUED" in settled_states(job)
 
 
