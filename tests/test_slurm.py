@@ -173,7 +173,7 @@ def test_time_limit_signal_requeues_and_resumes(tmp_path):
     """A real time limit: timeout_min=1 with SIGUSR2 50 s before it (slurmctld delivers it up to
     ~30 s late); each requeued attempt resumes where the last one stopped."""
     steps = 2000  # ~70 s of training here: longer than the 10-40 s until the first signal
-    slow = [*TRAIN, "stage.epochs=100", f"stage.max_steps={steps}", "stage.checkpoint_every=500"]
+    slow = [*TRAIN, "stage.epochs=200", f"stage.max_steps={steps}", "stage.checkpoint_every=500"]  # 19 batches an epoch
     proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
                              "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", *slow], cwd=tmp_path,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -189,6 +189,26 @@ def test_time_limit_signal_requeues_and_resumes(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert _steps(client, runs[0].info.run_id) == list(range(1, steps + 1))
     assert "REQUEUED" in settled_states(job)
+
+
+def test_sbatch_template_requeues_itself_on_sigusr2_and_resumes(tmp_path, reference):
+    """Plain sbatch, no submitit: sslpipe checkpoints and runs `scontrol requeue`; the requeued
+    job keeps its id, hence its run folder (outputs/slurm/<job id>), and resumes there."""
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    job = sh(["sbatch", "--parsable", "slurm/stage.sbatch", *TRAIN], tmp_path).stdout.strip()
+    run_dir = tmp_path / "outputs" / "slurm" / job
+    wait_until(lambda: (run_dir / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint", poll=0.05)
+    sh(["scancel", "--signal=USR2", job], tmp_path)
+    wait_until(lambda: "REQUEUED" in sacct_states(job), 60, "the requeue")
+
+    def finished():
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)  # skip the hold
+        return sacct_states(job)[-1:] == ["COMPLETED"]
+
+    wait_until(finished, 240, "the requeued job to complete", poll=1.0)
+    log = (tmp_path / f"sslpipe-{job}.out").read_text()
+    assert "by a signal" in log and "restart 1" in log and "resumed from" in log, log[-3000:]
+    _requeued_run_matches_reference(tmp_path, run_dir, reference, job)
 
 
 def test_kill_9_then_resubmit_resumes_from_the_run_folder(tmp_path, reference):
