@@ -98,7 +98,7 @@ start_munge() {
   mkdir -p /run/munge && chown munge:munge /run/munge
   [ -s /etc/munge/munge.key ] || { mungekey -c -f 2>/dev/null || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null; \
                                     chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
-  pgrep -u munge -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged --force
+  pid_alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged --force
   wait_for 10 munged sh -c 'munge -n | unmunge'
 }
 
@@ -131,14 +131,14 @@ start() {
 }
 
 stop() {
-  for pidfile in "$RUN/slurmd.pid" "$RUN/slurmctld.pid" "$RUN/slurmdbd.pid" "$MARIADB_PID"; do
+  # each daemon by its pid file (munged writes its own), waiting until it has gone
+  for pidfile in "$RUN/slurmd.pid" "$RUN/slurmctld.pid" "$RUN/slurmdbd.pid" "$MARIADB_PID" /run/munge/munged.pid; do
     if pid_alive "$pidfile"; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
-      for _ in $(seq 100); do pid_alive "$pidfile" || break; sleep 0.1; done
+      pid=$(cat "$pidfile")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done
-  # munged runs as user munge with its own pid file
-  [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
 }
 
 case "${1:-}" in
