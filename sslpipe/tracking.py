@@ -231,7 +231,9 @@ class Tracker:
             return NullRun()
         if run_id is not None:
             retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopening the run")
-            return Run(self.client, run_id, resumed=True, spill_dir=self.spill_dir)
+            run = Run(self.client, run_id, resumed=True, spill_dir=self.spill_dir)
+            run.set_tags(tags)  # this attempt's slurm.job_id and world size (a resubmitted job has a new id)
+            return run
         tags = {k: str(v) for k, v in tags.items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
