@@ -83,12 +83,13 @@ class Loop:
                  optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
                  checkpoint_path: Path, log_metrics: Callable[[dict, int], None] = lambda m, s: None,
                  after_step: Callable[[float], None] = lambda p: None,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, progress=None):
         if settings.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
         self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
         self.settings, self.device, self.path = settings, device, Path(checkpoint_path)
         self.log_metrics, self.after_step, self.should_stop = log_metrics, after_step, should_stop
+        self.progress = progress  # e.g. sslpipe.progress.Progress: update(step, total, epoch, loss, images) per step
         self.total = total_steps(settings, len(loader))
         if self.total < 1:
             raise ValueError(f"nothing to train: {settings.epochs} epochs of {len(loader)} batches "
@@ -157,6 +158,9 @@ class Loop:
                     accum = 0
                     state.step += 1
                     self.after_step(state.step / self.total)
+                    if self.progress is not None:  # the loss stays a device scalar unless it is drawn
+                        self.progress.update(state.step, self.total, state.epoch + state.batch / len(self.loader),
+                                             loss.detach(), len(images_u8) * s.grad_accum)
                     if state.step % s.log_every == 0 or state.step == self.total:
                         elapsed = time.perf_counter() - t_last
                         self.log_metrics({

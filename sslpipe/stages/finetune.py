@@ -13,6 +13,7 @@ from sslpipe.data import EpochLoader
 from sslpipe.data.views import Augment, AugmentSpec
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings
+from sslpipe.progress import Progress
 from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, log_classification, normalizer,
                             print_table, protocol_params, stage_run)
 
@@ -58,14 +59,17 @@ def run(ctx: Context) -> StageResult:
     settings = LoopSettings(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
                             warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
                             checkpoint_every=st.checkpoint_every, log_every=st.log_every)
-    loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt")
+    progress = Progress("finetune", mode=None if rank() == 0 else "off")
+    loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
+                progress=progress)
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
         run.log_params({**protocol_params(ctx, epochs=st.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr),
                         "pretrained.source": source})
         loop.log_metrics = run.log_metrics
-        loop.run()
+        with progress:  # ends the terminal line even when training fails
+            loop.run()
         # ------------------------------------------------------------ evaluate
         predictions = {name: (split.labels, predict(model, split, norm, ctx.device))
                        for name, split in (("val", splits.val), ("test", splits.test)) if split is not None}

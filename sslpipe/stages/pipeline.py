@@ -8,6 +8,7 @@ import json
 
 from omegaconf import open_dict
 
+from sslpipe.progress import write_results
 from sslpipe.reports import results_table
 from sslpipe.stages import STAGES, Context, StageResult, dispatch, print_table, stage_run
 
@@ -52,5 +53,5 @@ def run(ctx: Context) -> StageResult:
         parent.log_text(json.dumps(results, indent=2), "results.json")
         headline = {f"{r['step']}{'-random' if r['pretrained'] == 'random' else ''}/test_top1": r["test/top1"] for r in rows}
         parent.log_metrics(headline, step=0)
-    print_table(f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
+    write_results(ctx.run_dir, f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
     return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id)

@@ -14,6 +14,7 @@ from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, Preempted
 from sslpipe.preempt import StopSignal
+from sslpipe.progress import Progress
 from sslpipe.stages import Context, StageResult, build_backbone, build_splits, print_table, stage_run
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ def run(ctx: Context) -> StageResult:
 
     # ------------------------------------------------------------ fit (resuming when our checkpoint exists)
     stop = StopSignal().install()  # SIGUSR2 / SIGTERM: checkpoint at the next step, then requeue
+    progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
     loop = Loop(method, step, optimizer, loader, _loop_settings(st), ctx.device,
-                ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step, should_stop=stop.requested)
+                ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step, should_stop=stop.requested,
+                progress=progress)
     loop.resume()
     try:
         return _fit(ctx, method, loop)
@@ -57,6 +60,7 @@ def run(ctx: Context) -> StageResult:
         log.warning("%s", stopped)
         stop.hand_over()  # requeue (submitit / sbatch) and exit
     finally:
+        progress.close()
         stop.restore()
 
 
@@ -64,10 +68,10 @@ def _fit(ctx: Context, method, loop: Loop) -> StageResult:
     cfg = ctx.cfg
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
-        history: list[tuple[int, float]] = []
+        history: list[tuple[int, float, float]] = []
 
         def log_metrics(metrics: dict, step_no: int) -> None:
-            history.append((step_no, metrics["train/loss"]))
+            history.append((step_no, metrics["train/loss"], metrics["train/lr"]))
             run.log_metrics(metrics, step_no)
 
         loop.log_metrics = log_metrics
@@ -82,8 +86,9 @@ def _fit(ctx: Context, method, loop: Loop) -> StageResult:
         if history:
             from sslpipe.reports import curve_plot
 
-            steps, losses = zip(*history)
-            run.log_artifact(curve_plot(list(steps), list(losses), ctx.run_dir / "loss_curve.png", "train/loss"), "plots")
+            steps, losses, lrs = (list(v) for v in zip(*history))
+            run.log_artifact(curve_plot(steps, losses, ctx.run_dir / "loss_curve.png", "train/loss"), "plots")
+            run.log_artifact(curve_plot(steps, lrs, ctx.run_dir / "lr_curve.png", "train/lr"), "plots")
         metrics = {"train/final_loss": history[-1][1]} if history else {}
     print_table(f"pretrain {cfg.method.name} on {cfg.dataset.name}", f"final train/loss {metrics.get('train/final_loss', float('nan')):.4f}")
     return StageResult(metrics=metrics, outputs={"checkpoint": str(final)}, run_id=run.id)
