@@ -20,7 +20,7 @@ from sslpipe.validate import redact
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "knn", "linear_probe", "finetune", "export", "pipeline")
+STAGES = ("pretrain", "knn", "linear_probe", "mlp_probe", "finetune", "segment", "visualize", "export", "pipeline")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """stage=finetune: backbone + linear head trained end to end, with separate backbone and
-head learning rates (seed 003: 1e-4 / 1e-3 for ViT-S/4 on CIFAR-10)."""
+head learning rates (seed 003: 1e-4 / 1e-3 for ViT-S/4 on CIFAR-10) and, optionally,
+layer-wise learning-rate decay over the backbone's depth (BEiT, Bao et al. 2022)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,45 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+def layer_ids(backbone: nn.Module) -> dict[str, int]:
+    """Depth index (0 = input side) of each backbone parameter: timm's own grouping where the
+    model has a `group_matcher` (stem, then each block), else one layer per top-level child,
+    numbered children of a Sequential / ModuleList counting one each (`features.0`, `features.1`)."""
+    if hasattr(backbone, "group_matcher"):
+        from timm.models import group_parameters
+
+        ids = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+        top = max(ids.values(), default=0)
+        return {name: ids.get(name, top) for name, _ in backbone.named_parameters()}
+    keys: dict[str, int] = {}
+    out = {}
+    for name, _ in backbone.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        out[name] = keys.setdefault(key, len(keys))
+    return out
+
+
+def param_groups(model: Classifier | nn.Module, backbone_lr: float, head_lr: float,
+                 layer_decay: float | None) -> list[dict]:
+    """Optimizer groups: the head at `head_lr`; the backbone at `backbone_lr`, or with
+    `layer_decay` d, its layer i of L at backbone_lr * d ** (L - 1 - i), so the last layer
+    keeps backbone_lr and the stem learns slowest."""
+    if layer_decay is None:
+        return [{"params": list(model.backbone.parameters()), "lr": backbone_lr},
+                {"params": list(model.head.parameters()), "lr": head_lr}]
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"stage.layer_decay={layer_decay} must be null or in (0, 1]")
+    ids = layer_ids(model.backbone)
+    depth = max(ids.values(), default=0) + 1
+    groups: dict[int, list] = {}
+    for name, param in model.backbone.named_parameters():
+        groups.setdefault(ids[name], []).append(param)
+    return [*({"params": ps, "lr": backbone_lr * layer_decay ** (depth - 1 - i), "layer": i}
+              for i, ps in sorted(groups.items())),
+            {"params": list(model.head.parameters()), "lr": head_lr}]
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split, normalize, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     model.eval()
@@ -48,8 +88,7 @@ def run(ctx: Context) -> StageResult:
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, "finetune", cfg.tracking.uri)
     model = Classifier(backbone, cfg.dataset.num_classes).to(ctx.device)
-    optimizer = build(st.optimizer)([{"params": model.backbone.parameters(), "lr": st.backbone_lr},
-                                     {"params": model.head.parameters(), "lr": st.head_lr}])
+    optimizer = build(st.optimizer)(param_groups(model, st.backbone_lr, st.head_lr, st.layer_decay))
 
     def step(images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         x = augment(images) if st.augment else norm(images)
@@ -65,7 +104,8 @@ def run(ctx: Context) -> StageResult:
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
-        run.log_params({**protocol_params(ctx, epochs=st.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr),
+        run.log_params({**protocol_params(ctx, epochs=st.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr,
+                                        layer_decay=st.layer_decay),
                         "pretrained.source": source})
         loop.log_metrics = run.log_metrics
         with progress:  # ends the terminal line even when training fails

@@ -1,6 +1,7 @@
 """stage=pipeline: pretrain, then each step of `stage.stages` on the pretrained encoder, and
 the `stage.baseline` steps on pretrained=random; one parent MLflow run, a nested child run
-per step, and a results table (printed, and logged as results.md / results.json)."""
+per step, and a results table of every step's headline numbers (top-1 / macro F1 for the
+classifiers, IoU / F1 for segment), printed and logged as results.md / results.json."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from sslpipe.reports import results_table
 from sslpipe.stages import STAGES, Context, StageResult, dispatch, print_table, stage_run
 
 STEPS = tuple(s for s in STAGES if s not in ("pretrain", "pipeline"))
-PROBES = ("knn", "linear_probe", "finetune")
+PROBES = ("knn", "linear_probe", "mlp_probe", "finetune")   # classification: test/top1 heads their row
+DENSE = ("segment",)                                          # segmentation: test/iou heads its row
+COLUMNS = ["step", "pretrained", "test/top1", "val/top1", "test/f1_macro", "test/iou", "test/f1"]
+
+
+def _headline(row: dict) -> dict[str, float]:
+    """`<step>[-random]/test_top1` (or `/test_iou`): the parent run's metric for one table row."""
+    name = row["step"] + ("-random" if row["pretrained"] == "random" else "")
+    key = "test/iou" if row["step"] in DENSE else "test/top1"
+    return {f"{name}/{key.replace('/', '_')}": row[key]} if key in row else {}
 
 
 def _check(names, key: str) -> None:
@@ -43,15 +53,19 @@ def run(ctx: Context) -> StageResult:
             results[name] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
             if name in PROBES:
                 probe_metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+            if name in PROBES or name in DENSE:
                 rows.append({"step": name, "pretrained": cfg.method.name, **out.metrics})
         for name in st.baseline:
             out = dispatch(ctx.for_stage(name, "random", f"random/{name}", suffix="-random"))
-            results[f"{name}-random"] = {"metrics": out.metrics, "run_id": out.run_id}
-            rows.append({"step": name, "pretrained": "random", **out.metrics})
-        table = results_table(rows, ["step", "pretrained", "test/top1", "val/top1", "test/f1_macro"])
+            results[f"{name}-random"] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
+            if name in PROBES or name in DENSE:
+                rows.append({"step": name, "pretrained": "random", **out.metrics})
+        columns = [c for c in COLUMNS if c in ("step", "pretrained") or any(c in r for r in rows)]
+        table = results_table(rows, columns)
+        headline = {k: v for r in rows for k, v in _headline(r).items()}
+        results["summary"] = {"columns": columns, "rows": rows, "headline": headline}
         parent.log_text(table + "\n", "results.md")
         parent.log_text(json.dumps(results, indent=2), "results.json")
-        headline = {f"{r['step']}{'-random' if r['pretrained'] == 'random' else ''}/test_top1": r["test/top1"] for r in rows}
         parent.log_metrics(headline, step=0)
     write_results(ctx.run_dir, f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
     return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id)
