@@ -1,0 +1,304 @@
+"""Every method of conf/method/*.yaml (globbed, no hand list): composes, builds, takes a
+training step, and its loss falls on a fixed batch; plus the pieces that could silently break:
+EMA math, MoCo's queue, masking ratios, and the hand-written losses (SIMO2, SupCon, the
+autoencoder) against independent reference computations on fixed tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from sslpipe.config import build
+
+METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+# Overrides that keep a CPU test small: a 2-block ViT for ViT methods, a 2-batch MoCo queue,
+# and a fixed teacher + centre for DINO / iBOT (see test_loss_falls).
+TINY_VIT = ["backbone=vit_tiny", "+backbone.depth=2"]
+
+
+def compose_method(name: str, *overrides: str):
+    with initialize_config_module("sslpipe.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={name}", *overrides])
+    cls = __import__(cfg.method._target_.rsplit(".", 1)[0], fromlist=["_"])
+    method_cls = getattr(cls, cfg.method._target_.rsplit(".", 1)[1])
+    vit = TINY_VIT if getattr(method_cls, "needs_vit", False) and not any(o.startswith("backbone=") for o in overrides) else []
+    if vit:
+        with initialize_config_module("sslpipe.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[f"method={name}", *vit, *overrides])
+    return cfg
+
+
+def build_method(name: str, *overrides: str):
+    cfg = compose_method(name, *overrides)
+    torch.manual_seed(0)
+    return build(cfg.method, backbone=build(cfg.backbone)), cfg
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    """32 digits images, 8 of each of 4 classes (uint8 (32, 1, 16, 16)) and their labels."""
+    from sslpipe.data.digits import load_digits
+
+    train = load_digits(image_size=16).train
+    index = torch.cat([torch.nonzero(train.labels == c)[:8, 0] for c in range(4)])
+    return train.images[index], train.labels[index]
+
+
+def make_views(method, cfg, images):
+    from sslpipe.data.views import AugmentSpec, MultiView
+
+    torch.manual_seed(1)
+    views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
+                      list(cfg.dataset.norm.std), method.global_views, method.local_views)
+    return views(images)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_builds_and_steps(name, digits_batch):
+    method, cfg = build_method(name)
+    assert cfg.method.name == name and cfg.method._target_.startswith(f"sslpipe.methods.{name}.")  # one name
+    for attr in ("backbone", "projector", "global_views", "local_views", "needs_labels", "objective"):
+        assert hasattr(method, attr), f"{name} lacks {attr}"
+    images, labels = digits_batch
+    loss = method.training_step(make_views(method, cfg, images), labels, 0.0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None for p in method.backbone.parameters())
+    method.after_step(0.1)
+
+
+FALL_OVERRIDES = {
+    "mocov1": ["method.memory_bank_size=64"], "mocov2": ["method.memory_bank_size=64"],
+    # A fixed teacher and centre: the student's fit to fixed targets. (With both moving, DINO's
+    # loss on one fixed batch of 32 is not monotone: the centre starts at 0 and warms up.)
+    "dino": ["method.center_momentum=1.0", "method.momentum_start=1.0", "method.momentum_end=1.0"],
+    "ibot": ["method.center_momentum=1.0", "method.momentum_start=1.0", "method.momentum_end=1.0"],
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_falls(name, digits_batch):
+    """20 AdamW steps on one fixed batch of fixed views: the mean loss of the last 3 steps is
+    below that of steps 3-5 (the first two fill MoCo's queue)."""
+    method, cfg = build_method(name, *FALL_OVERRIDES.get(name, []))
+    images, labels = digits_batch
+    views = make_views(method, cfg, images)
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(20):
+        loss = method.training_step(views, labels, 0.5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_step(0.5)
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < np.mean(losses[2:5]), f"{name}: {np.round(losses, 3).tolist()}"
+
+
+# ---------------------------------------------------------------------------- EMA / momentum
+def test_ema_update_math():
+    from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
+
+    student = torch.nn.Linear(3, 2)
+    teacher = frozen_copy(student)
+    before = teacher.weight.detach().clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    ema_update(student, teacher, 0.9)
+    assert torch.allclose(teacher.weight, 0.9 * before + 0.1 * student.weight)
+    assert not teacher.weight.requires_grad
+    assert momentum_at(0.0, 0.99, 1.0) == pytest.approx(0.99) and momentum_at(1.0, 0.99, 1.0) == pytest.approx(1.0)
+    assert momentum_at(0.5, 0.99, 1.0) == pytest.approx(0.995, abs=1e-4)  # lightly steps 0..999
+
+
+@pytest.mark.parametrize("name", ["mocov2", "byol", "dino"])
+def test_teacher_follows_student_by_momentum(name):
+    method, _ = build_method(name, "method.momentum_start=0.9", "method.momentum_end=0.9")
+    student = next(method.backbone.parameters())
+    teacher_backbone = getattr(method, "key_backbone", None) or method.teacher_backbone
+    teacher = next(teacher_backbone.parameters())
+    with torch.no_grad():
+        student.add_(1.0)
+    expected = 0.9 * teacher.detach().clone() + 0.1 * student.detach()
+    method.after_step(0.5)
+    assert torch.allclose(teacher, expected, atol=1e-6)
+
+
+def test_dino_teacher_temperature_warms_up():
+    from sslpipe.methods.dino import teacher_temperature
+
+    assert teacher_temperature(0.0, 0.04, 0.07, 0.3) == pytest.approx(0.04)
+    assert teacher_temperature(0.15, 0.04, 0.07, 0.3) == pytest.approx(0.055)
+    assert teacher_temperature(0.9, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+
+
+# ---------------------------------------------------------------------------- MoCo queue
+def test_queue_enqueue_dequeue():
+    from sslpipe.methods.queue import queue_criterion
+
+    crit = queue_criterion(0.2, queue_size=6, dim=2)
+    bank = crit.memory_bank
+    keys = [torch.nn.functional.normalize(torch.randn(4, 2), dim=1) for _ in range(2)]
+    query = torch.randn(4, 2, requires_grad=True)
+    crit(query, keys[0])
+    assert torch.allclose(bank.bank[:4], keys[0]) and int(bank.bank_ptr) == 4
+    crit(query, keys[1])  # 2 fit before the end, the ring wraps to 0
+    assert torch.allclose(bank.bank[4:6], keys[1][:2]) and int(bank.bank_ptr) == 0
+    with torch.no_grad():  # no gradient (evaluation): nothing is enqueued
+        crit(query.detach(), keys[0])
+    assert int(bank.bank_ptr) == 0
+
+
+def test_moco_queue_larger_than_the_data_is_fitted():
+    """K = 65536 (the yaml default, seed 001) on the 1257 digits training images: stage=pretrain
+    calls fit_data, the queue shrinks to N - B keys, and training steps run."""
+    from sslpipe.methods.queue import fitted_queue_size
+
+    assert fitted_queue_size(65536, 1257, 256) == 1001
+    assert fitted_queue_size(4096, 1_281_167, 256) == 4096
+    assert fitted_queue_size(65536, 100, 256) == 256
+    method, cfg = build_method("mocov2")
+    assert cfg.method.memory_bank_size == 65536 and method.criterion.memory_bank.size[0] == 65536
+    method.fit_data(1257, 256)
+    assert method.criterion.memory_bank.size == (1001, cfg.method.proj_output_dim)
+    views = [torch.randn(8, 1, 16, 16) for _ in range(2)]
+    for _ in range(3):
+        loss = method.training_step(views, torch.zeros(8, dtype=torch.long), 0.0)
+        assert torch.isfinite(loss)
+    assert int(method.criterion.memory_bank.bank_ptr) == 24
+
+
+# ---------------------------------------------------------------------------- masking
+def test_mae_masks_the_configured_ratio():
+    method, _ = build_method("mae")
+    keep, masked = method.token_mask(5, torch.device("cpu"))
+    n = method.encoder.sequence_length - 1  # 16 patches of 4 px on 16 px digits, + class token
+    assert n == 16 and masked.shape == (5, 12) and keep.shape == (5, 5)  # 0.75 of 16 masked
+    assert (keep[:, 0] == 0).all()  # the class token is always kept
+    assert all(len(set(k.tolist()) | set(m.tolist())) == 17 for k, m in zip(keep, masked))
+
+
+def test_ibot_block_masks_stay_in_range():
+    method, _ = build_method("ibot")
+    torch.manual_seed(0)
+    mask = method.block_mask(torch.zeros(400, 1, 16, 16))
+    assert mask.shape == (400, 4, 4)
+    per_image = mask.flatten(1).float().mean(1)
+    masked_images = per_image > 0
+    assert 0.35 < masked_images.float().mean() < 0.65  # batch_mask_ratio 0.5
+    assert per_image.max() <= 0.5 + 1e-6  # max_image_mask_ratio
+
+
+# ---------------------------------------------------------------------------- hand-written losses
+def _simo2_reference(z: np.ndarray, orth_lean: float, eps: float) -> float:
+    """Seed 004's combined_loss / simo2_loss_fn, pair by pair in float64 loops."""
+    def combined(e, label):
+        total = 0.0
+        for i in range(len(e)):
+            for j in range(i + 1, len(e)):
+                dot = float(np.dot(e[i], e[j]))
+                dist = float(np.sum((e[i] - e[j]) ** 2))
+                total += np.exp((1 - 2 * label) * np.log1p(dot ** 2 / (eps + dist)))
+        return total
+    C, k, _ = z.shape
+    same = sum(combined(z[c], 1.0) for c in range(C))
+    means = combined(z.mean(axis=1), orth_lean)
+    diff = sum(combined(z[:, s], orth_lean) for s in range(k))
+    return same + means + diff
+
+
+def test_simo2_loss_matches_reference():
+    from sslpipe.methods.simo2 import group_by_class, simo2_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(3 * 4, 5, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([2, 0, 1] * 4)  # unsorted: group_by_class must order them
+    grouped = group_by_class(z, labels)
+    expected = _simo2_reference(np.stack([z[labels == c].numpy() for c in (0, 1, 2)]), 1 / 137, 1 / 137)
+    loss, parts = simo2_loss(grouped, 1 / 137, 1 / 137)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    assert set(parts) == {"same", "means", "diff"}
+
+
+def test_simo2_rejects_unbalanced_batches():
+    from sslpipe.methods.simo2 import group_by_class
+
+    with pytest.raises(ValueError, match="class-balanced"):
+        group_by_class(torch.randn(5, 3), torch.tensor([0, 0, 0, 1, 1]))
+
+
+def test_class_balanced_loader():
+    from sslpipe.data import Split
+    from sslpipe.data.samplers import ClassBalancedLoader
+
+    labels = torch.arange(100) % 5
+    split = Split(torch.zeros(100, 1, 4, 4, dtype=torch.uint8), labels)
+    loader = ClassBalancedLoader(split, samples_per_class=6, classes_per_batch=3, seed=0)
+    assert len(loader) == 100 // 18
+    batches = list(loader)
+    for _, y in batches:
+        counts = torch.bincount(y, minlength=5)
+        assert sorted(counts.tolist()) == [0, 0, 6, 6, 6]
+    loader.set_epoch(0, start=2)  # resume: the same batches from where it stopped
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(list(loader), batches[2:]))
+
+
+def _supcon_reference(z: np.ndarray, labels: np.ndarray, t: float) -> float:
+    """Khosla et al. eq. 2, anchor by anchor in float64."""
+    losses = []
+    for i in range(len(z)):
+        others = [a for a in range(len(z)) if a != i]
+        denom = np.log(sum(np.exp(z[i] @ z[a] / t) for a in others))
+        pos = [p for p in others if labels[p] == labels[i]]
+        if pos:
+            losses.append(-np.mean([z[i] @ z[p] / t - denom for p in pos]))
+    return float(np.mean(losses))
+
+
+def test_supcon_loss_matches_reference():
+    from sslpipe.methods.supcon import supcon_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(10, 6, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 1, 1])  # class 3 has no positive: left out
+    assert supcon_loss(z, labels, 0.1).item() == pytest.approx(_supcon_reference(z.numpy(), labels.numpy(), 0.1))
+
+
+def test_autoencoder_loss_is_pixel_mse():
+    method, cfg = build_method("autoencoder", "method.noise_std=0.0")
+    method.eval()  # fixed BN statistics, so the reference forward is the same function
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        recon = method.projector(method.backbone(x))
+        expected = float(((recon - x) ** 2).sum() / x.numel())
+        assert recon.shape == x.shape
+        assert method.training_step([x], torch.zeros(4), 0.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- pairing + experiments
+def test_vit_method_on_a_cnn_fails_naming_what_fits():
+    from sslpipe.stages.pretrain import check_pairing, vit_backbones
+    from sslpipe.methods.ibot import IBOT
+    from sslpipe.backbones import SmallCNN
+
+    assert {"vit_tiny", "vit_small"} <= set(vit_backbones())
+    with pytest.raises(ValueError, match=r"ibot needs a ViT backbone \(.*vit_tiny.*\); got smallcnn"):
+        check_pairing("ibot", IBOT, SmallCNN(1), "smallcnn")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes(name):
+    from omegaconf import OmegaConf
+
+    from sslpipe.config import compose as compose_run
+    from sslpipe.validate import validate
+
+    cfg = compose_run([f"+experiment={name}"])  # as the CLI would: ${hydra:runtime.cwd} resolves
+    OmegaConf.to_container(cfg, resolve=True)
+    validate(cfg)  # values in range, trusted _target_s (LARS is lightly's)
