@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from hydra.utils import get_class
 
 from sslpipe import checkpoint as ckpt
 from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data import EpochLoader
+from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, Preempted
@@ -26,17 +28,69 @@ def _loop_settings(st) -> LoopSettings:
                         checkpoint_every=st.checkpoint_every, log_every=st.log_every)
 
 
+def vit_backbones() -> list[str]:
+    """The backbone options (conf/backbone/*.yaml) that build a timm ViT."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    found = []
+    for path in sorted(files("sslpipe.conf").joinpath("backbone").iterdir(), key=lambda p: p.name):
+        if path.name.endswith(".yaml"):
+            node = OmegaConf.create(path.read_text())
+            if str(node.get("model_name", "")).startswith(("vit_", "deit_")):
+                found.append(path.name[:-5])
+    return found
+
+
+def check_pairing(method_name: str, method_cls, backbone: torch.nn.Module, backbone_name: str) -> None:
+    """A method that needs a ViT (iBOT, MAE: masked patch tokens) fails here, naming what fits."""
+    from sslpipe.methods.vit import is_vit
+    from sslpipe.validate import ConfigError
+
+    if getattr(method_cls, "needs_vit", False) and not is_vit(backbone):
+        raise ConfigError(f"{method_name} needs a ViT backbone ({', '.join(vit_backbones())}); got {backbone_name}")
+
+
+def _loader(cfg, method_cls, train):
+    """Shuffled batches; class-balanced ones (stage.batch_size // method.samples_per_class classes
+    x samples_per_class images) for a method that declares `class_balanced` (SIMO2)."""
+    from sslpipe.validate import ConfigError
+
+    st = cfg.stage
+    if not getattr(method_cls, "class_balanced", False):
+        return EpochLoader(train, st.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rank=rank(),
+                           world_size=world_size())
+    per_class = cfg.method.samples_per_class
+    classes = min(st.batch_size // per_class, int((train.labels.unique() >= 0).sum()))
+    if classes < 2:
+        raise ConfigError(f"{cfg.method.name} draws class-balanced batches of stage.batch_size // "
+                          f"method.samples_per_class classes; {st.batch_size} // {per_class} = "
+                          f"{st.batch_size // per_class} < 2. Raise stage.batch_size to >= {2 * per_class} "
+                          f"or lower method.samples_per_class")
+    if classes * per_class != st.batch_size:
+        log.info("%s: class-balanced batches of %d classes x %d images = %d (stage.batch_size=%d)",
+                 cfg.method.name, classes, per_class, classes * per_class, st.batch_size)
+    return ClassBalancedLoader(train, per_class, classes, seed=cfg.seed, rank=rank(), world_size=world_size())
+
+
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
     # ------------------------------------------------------------ processes (one, or DDP ranks from torchrun / SLURM)
     ctx.device = distributed.setup(ctx.device)
     ctx.run_dir = distributed.broadcast_object(ctx.run_dir)  # rank 0's folder: one checkpoint for all ranks
+    # ------------------------------------------------------------ what the method needs (fail before any work)
+    method_cls = get_class(cfg.method._target_)
+    backbone = build_backbone(ctx)
+    check_pairing(cfg.method.name, method_cls, backbone, cfg.backbone.name)
     # ------------------------------------------------------------ data
-    splits = build_splits(ctx, labelled=False)
-    loader = EpochLoader(splits.train, st.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                         rank=rank(), world_size=world_size())
+    splits = build_splits(ctx, labelled=getattr(method_cls, "needs_labels", False))  # supervised: labelled train only
+    loader = _loader(cfg, method_cls, splits.train)
     # ------------------------------------------------------------ model
-    method = build(cfg.method, backbone=build_backbone(ctx)).to(ctx.device)
+    method = build(cfg.method, backbone=backbone)
+    if hasattr(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
+        method.fit_data(len(splits.train), loader.batch_size)
+    method = method.to(ctx.device)
     views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
                       list(cfg.dataset.norm.std), global_views=method.global_views,
                       local_views=method.local_views).to(ctx.device)
