@@ -1,0 +1,106 @@
+"""`python -m sslpipe.report`: mean +- std over seeds, checked against numbers computed
+independently from the MLflow store that a real 2-method x 2-seed sweep filled."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST_PIPELINE, run_cli
+
+from sslpipe.report import RunRow, aggregate, main, markdown, parse_filter, value
+
+
+def _run(method: str, seed: int, top1: float, pretrained: str = "/x/final.pt", stage: str = "linear_probe") -> RunRow:
+    tags = {"sslpipe.stage": stage, "sslpipe.method": method, "sslpipe.backbone": "smallcnn",
+            "sslpipe.dataset": "digits", "sslpipe.pretrained": pretrained}
+    return RunRow(f"{method}{seed}{pretrained}", tags, {"seed": str(seed)}, {"test/top1": top1})
+
+
+def test_groups_and_statistics():
+    runs = [_run("simclr", 0, 0.90), _run("simclr", 1, 0.94), _run("byol", 0, 0.80), _run("byol", 1, 0.70),
+            _run("byol", 0, 0.50, pretrained="random"), _run("simclr", 0, 1.0, stage="pretrain")]
+    runs[-1].metrics = {"train/final_loss": 1.0}  # no chosen metric: left out
+    groups = aggregate(runs, ["method", "init"], ["test/top1"])
+    assert [g.key for g in groups] == [("byol", "pretrained"), ("byol", "random"), ("simclr", "pretrained")]
+    mean, std, n = groups[0].stats("test/top1")
+    assert (mean, n) == (pytest.approx(0.75), 2) and std == pytest.approx(statistics.stdev([0.8, 0.7]))
+    assert groups[1].stats("test/top1") == (0.5, 0.0, 1)
+    text = markdown(groups, ["method", "init"], ["test/top1"], 3)
+    assert "| byol | pretrained | 2 | 0,1 | 0.750 ± 0.071 |" in text
+    assert "| byol | random | 1 | 0 | 0.500 |" in text  # one run: no spread to show
+
+
+def test_filter_keys():
+    run = _run("simclr", 3, 0.9)
+    assert value(run, "stage") == "linear_probe" and value(run, "seed") == "3" and value(run, "init") == "pretrained"
+    assert value(run, "tags.sslpipe.method") == "simclr" and value(run, "params.seed") == "3"
+    assert parse_filter("method!=byol,dino") == ("method", True, {"byol", "dino"})
+
+
+def test_user_errors(tmp_path, capsys):
+    assert main(["--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert main(["--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--filter", "method"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real sweep, read back independently
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sweep")
+    out = run_cli(["-m", "stage=pipeline", "method=simclr,byol", "seed=0,1", *FAST_PIPELINE,
+                   "stage.stages=[knn,linear_probe]"], cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cwd
+
+
+def _expected(store: str, stage: str) -> dict[str, tuple[float, float, list[str]]]:
+    """{method: (mean, sample std, seeds)} of test/top1 over the pretrained `stage` runs, straight from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id], max_results=1000)
+    by_method: dict[str, list] = {}
+    for r in runs:
+        if r.data.tags["sslpipe.stage"] == stage and r.data.tags["sslpipe.pretrained"] != "random":
+            by_method.setdefault(r.data.tags["sslpipe.method"], []).append(r)
+    return {m: (statistics.fmean(r.data.metrics["test/top1"] for r in rs),
+                statistics.stdev(r.data.metrics["test/top1"] for r in rs),
+                sorted(r.data.params["seed"] for r in rs)) for m, rs in by_method.items()}
+
+
+def _report(cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sslpipe.report", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_report_mean_std_per_method(sweep):
+    out = _report(sweep, "--filter", "stage=linear_probe", "--filter", "init=pretrained", "--group-by", "method")
+    assert out.returncode == 0, out.stderr
+    expected = _expected(f"sqlite:///{sweep}/outputs/mlflow.db", "linear_probe")
+    assert sorted(expected) == ["byol", "simclr"] and all(seeds == ["0", "1"] for _, _, seeds in expected.values())
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "| method | runs | seeds | test/top1 |" and len(lines) == 4, out.stdout
+    for method, (mean, std, _) in expected.items():
+        assert f"| {method} | 2 | 0,1 | {mean:.4f} ± {std:.4f} |" in lines, (method, mean, std, out.stdout)
+
+
+@pytest.mark.slow
+def test_report_csv_default_groups(sweep):
+    target = sweep / "report" / "knn.csv"
+    out = _report(sweep, "--filter", "stage=knn", "--format", "csv", "--output", str(target))
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(target.open()))
+    assert {(r["method"], r["init"]) for r in rows} == {(m, i) for m in ("simclr", "byol") for i in ("pretrained", "random")}
+    expected = _expected(f"sqlite:///{sweep}/outputs/mlflow.db", "knn")
+    for r in rows:
+        assert r["stage"] == "knn" and r["backbone"] == "smallcnn" and r["dataset"] == "digits" and r["runs"] == "2"
+        if r["init"] == "pretrained":
+            mean, std, _ = expected[r["method"]]
+            assert float(r["test/top1_mean"]) == pytest.approx(mean, abs=1e-12)
+            assert float(r["test/top1_std"]) == pytest.approx(std, abs=1e-12)
