@@ -99,9 +99,25 @@ class Loop:
             optimizer, warmup_cosine(self.total, min(warmup, self.total // 2), settings.min_lr_ratio))
         self.state = LoopState()
         self.amp = settings.amp and device.type == "cuda"
+        # On CUDA the loss is read back only when it is logged or a checkpoint is written, so
+        # the host never waits for the device mid-step; the losses since the last check are
+        # summed on the device (a non-finite one makes the sum non-finite).
+        self.sync_every_step = device.type != "cuda"
+        self._unchecked, self._unchecked_from = None, 0
 
     # ---------------------------------------------------------------- checkpoints
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a loss since the last check was NaN/inf (CUDA path)."""
+        if self._unchecked is not None and not torch.isfinite(self._unchecked):
+            kept = (f"the last good checkpoint is kept at {self.path}" if self.path.exists()
+                    else "no checkpoint had been written yet")
+            raise NonFiniteLossError(f"loss became {self._unchecked.item()} between steps {self._unchecked_from} and "
+                                     f"{self.state.step} (epoch {self.state.epoch}); {kept}. "
+                                     f"Lower the learning rate or check the data.")
+        self._unchecked, self._unchecked_from = None, self.state.step
+
     def save(self) -> None:
+        self.check_finite()  # never overwrite a good checkpoint with weights a NaN step has touched
         if not distributed.is_main():  # one writer; every rank resumes from the same file
             return
         ckpt.atomic_save({
@@ -140,7 +156,7 @@ class Loop:
                 progress = state.step / self.total
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self.step_fn(images_u8, labels, progress)
-                if not torch.isfinite(loss):
+                if self.sync_every_step and not torch.isfinite(loss):
                     kept = (f"the last good checkpoint is kept at {self.path}" if self.path.exists()
                             else "no checkpoint had been written yet")
                     raise NonFiniteLossError(f"loss became {loss.item()} at step {state.step} (epoch {state.epoch}); "
@@ -148,7 +164,9 @@ class Loop:
                 (loss / s.grad_accum).backward()
                 accum += 1
                 state.batch += 1
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()  # a device scalar: read back only when logged
+                if not self.sync_every_step:
+                    self._unchecked = loss.detach().float() + (0.0 if self._unchecked is None else self._unchecked)
                 loss_n += 1
                 images += len(images_u8)
                 if accum == s.grad_accum:
@@ -162,9 +180,10 @@ class Loop:
                         self.progress.update(state.step, self.total, state.epoch + state.batch / len(self.loader),
                                              loss.detach(), len(images_u8) * s.grad_accum)
                     if state.step % s.log_every == 0 or state.step == self.total:
+                        self.check_finite()
                         elapsed = time.perf_counter() - t_last
                         self.log_metrics({
-                            "train/loss": loss_sum / loss_n,
+                            "train/loss": float(loss_sum) / loss_n,
                             "train/lr": self.optimizer.param_groups[0]["lr"],
                             "train/images_per_s": images / max(elapsed, 1e-9),
                             "train/data_wait": wait / max(elapsed, 1e-9),

@@ -50,14 +50,16 @@ class Augment(nn.Module):
         super().__init__()
         import kornia.augmentation as K
 
-        ops: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=tuple(spec.crop_scale), ratio=tuple(spec.crop_ratio))]
+        from sslpipe.data.fastaug import ColorJitter, RandomResizedCrop  # batched, torchvision's semantics
+
+        ops: list[nn.Module] = [RandomResizedCrop((size, size), scale=tuple(spec.crop_scale), ratio=tuple(spec.crop_ratio))]
         if spec.hflip > 0:
             ops.append(K.RandomHorizontalFlip(p=spec.hflip))
         if spec.rotation > 0:
             ops.append(K.RandomRotation(degrees=spec.rotation, p=1.0))
         colour = len(mean) == 3
         if spec.jitter_prob > 0:
-            ops.append(K.ColorJitter(spec.brightness, spec.contrast, spec.saturation if colour else 0.0,
+            ops.append(ColorJitter(spec.brightness, spec.contrast, spec.saturation if colour else 0.0,
                                      spec.hue if colour else 0.0, p=spec.jitter_prob))
         if spec.grayscale_prob > 0 and colour:
             ops.append(K.RandomGrayscale(p=spec.grayscale_prob))

@@ -17,6 +17,7 @@ from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, Preempted
 from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
+from sslpipe.speed import build_optimizer, device_pool, prepare_model
 from sslpipe.stages import Context, StageResult, build_backbone, build_splits, print_table, stage_run
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,17 @@ def run(ctx: Context) -> StageResult:
     check_pairing(cfg.method.name, method_cls, backbone, cfg.backbone.name)
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=getattr(method_cls, "needs_labels", False))  # supervised: labelled train only
-    loader = _loader(cfg, method_cls, splits.train)
+    loader = _loader(cfg, method_cls, device_pool(splits.train, ctx.device))
     # ------------------------------------------------------------ model
     method = build(cfg.method, backbone=backbone)
     if hasattr(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
         method.fit_data(len(splits.train), loader.batch_size)
     method = method.to(ctx.device)
+    method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # sslpipe.speed
     views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
                       list(cfg.dataset.norm.std), global_views=method.global_views,
                       local_views=method.local_views).to(ctx.device)
-    optimizer = build(st.optimizer)([p for p in method.parameters() if p.requires_grad])
+    optimizer = build_optimizer(build(st.optimizer), [p for p in method.parameters() if p.requires_grad], ctx.device)
 
     train_step = distributed.wrap(distributed.training_step_module(method), ctx.device)  # DDP when distributed
 
