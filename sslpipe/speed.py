@@ -31,10 +31,10 @@ def device_pool(split: Split, device: torch.device) -> Split:
     """`split` on `device` when it fits in POOL_SHARE of the free GPU memory; else `split` itself."""
     if device.type != "cuda":
         return split
-    need = split.images.nbytes + split.labels.nbytes
+    need = split.images.nbytes
     free, _ = torch.cuda.mem_get_info(device)
     if need <= POOL_SHARE * free:
-        return Split(split.images.to(device), split.labels.to(device))
+        return Split(split.images.to(device), split.labels)  # labels stay on the host: samplers read them
     log.info("image pool (%.1f GB) kept on the host: more than %.0f%% of the GPU's free %.1f GB",
              need / 1e9, 100 * POOL_SHARE, free / 1e9)
     return split
