@@ -7,7 +7,7 @@ crop scale 0.2-1, flip 0.5, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 
 blur) on the same 32 px uint8 images. The distribution check runs two-sample KS tests on
   - per-view mean and std of each channel (colour ops and crops together), and
   - the crop area, read off images whose red and green channels encode x and y (colour ops
-    off on both sides), so the crop box is recoverable from the output pixels.
+    off on both sides): the ramps' slopes inside a view give the crop's width and height.
 
     python benchmarks/augment.py [--device cuda]
 """
@@ -60,14 +60,19 @@ def coordinate_images(n: int):
     return np.repeat(img[None], n, 0)
 
 
-def crop_area(views, flip_invariant=True):
-    """Crop area as a share of the image, from coordinate images' red/green range (normalised views)."""
+def crop_area(views):
+    """Crop area as a share of the image, from coordinate images (normalised views): the red
+    ramp's slope across the interior columns is (crop width / image width) x the source's
+    slope, the green ramp's down the interior rows likewise for the height. Interior only:
+    the border pixels depend on how a resize treats the crop's edge, not on the crop."""
     import torch
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     x = (views.float().cpu() * std + mean) * 255
-    w = (x[:, 0].amax((1, 2)) - x[:, 0].amin((1, 2))) / 255
-    h = (x[:, 1].amax((1, 2)) - x[:, 1].amin((1, 2))) / 255
+    side, step = x.shape[-1], 255 / 31  # the source ramp: 0..255 over 32 pixels
+    lo, hi = 2, side - 3
+    w = (x[:, 0, :, hi] - x[:, 0, :, lo]).abs().mean(1) / (hi - lo) / step * side / 32
+    h = (x[:, 1, hi, :] - x[:, 1, lo, :]).abs().mean(1) / (hi - lo) / step * side / 32
     return (w * h).numpy()
 
 
