@@ -89,6 +89,9 @@ class MultiView(nn.Module):
             self.local_aug = Augment(local_size or max(4, size * 3 // 7), local_spec, mean, std)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        views = [self.global_aug(x) for _ in range(self.global_views)]
-        views += [self.local_aug(x) for _ in range(self.local_views)]
+        # The views of one size in one batched call (each image repeated): the same independent
+        # per-image draws as one call per view, with a fraction of the kernel launches.
+        views = list(self.global_aug(x.repeat(self.global_views, 1, 1, 1)).chunk(self.global_views))
+        if self.local_views:
+            views += list(self.local_aug(x.repeat(self.local_views, 1, 1, 1)).chunk(self.local_views))
         return views
