@@ -122,7 +122,7 @@ def main() -> None:
         t = time.perf_counter(); run_dev(); dev.append(args.n / (time.perf_counter() - t))
     threads = torch.get_num_threads()
     print(f"{args.n} images of 32 px per round, two views each, batches of {args.batch}; {args.rounds} rounds; "
-          f"lightly's path on one process (a DataLoader spreads it over workers: at most x cores)\n")
+          f"lightly's path in one process (a DataLoader with k workers multiplies it by at most k)\n")
     table(["path", "images/s (two views each, median)", "min", "max", "ratio vs lightly CPU"], [
         ["lightly SimCLRTransform per PIL image, 1 process", median(cpu), min(cpu), max(cpu), 1.0],
         [f"sslpipe MultiView batched on {args.device} ({threads} threads)" if args.device == "cpu"
