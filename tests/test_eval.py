@@ -156,9 +156,11 @@ TINY_SHAPES = ["dataset=shapes", "dataset.source.train_size=600", "dataset.sourc
 @pytest.mark.slow
 def test_pipeline_artefacts_summary_and_downstream_example(cli):
     """One shapes pipeline with every optional step; then the downstream example on its export."""
-    out = cli("stage=pipeline", *TINY_SHAPES, "stage.stages=[knn,linear_probe,mlp_probe,segment,visualize,export]",
-              "stage.baseline=[segment]", "stage.pretrain.max_steps=3", "stage.pretrain.batch_size=64",
-              "stage.linear_probe.epochs=5", "stage.mlp_probe.epochs=3", "stage.segment.max_steps=5",
+    out = cli("stage=pipeline", *TINY_SHAPES,
+              "stage.stages=[knn,linear_probe,mlp_probe,finetune,segment,visualize,export]", "stage.baseline=[segment]",
+              "stage.pretrain.max_steps=3", "stage.pretrain.batch_size=64", "stage.linear_probe.epochs=5",
+              "stage.mlp_probe.epochs=3", "stage.finetune.max_steps=2", "stage.finetune.layer_decay=0.75",
+              "stage.segment.max_steps=5", "stage.segment.loss=dice",
               "stage.visualize.max_points=150", "stage.visualize.pairs=2", "hydra.run.dir=outputs/run", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| segment | random |" in out.stdout and "test/iou" in out.stdout
@@ -173,7 +175,7 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
         return {a.path for a in client.list_artifacts(run.info.run_id, path)}
 
     # classification stages: per-class report, confusion matrix plot, macro F1
-    for stage in ("knn", "linear_probe", "mlp_probe"):
+    for stage in ("knn", "linear_probe", "mlp_probe", "finetune"):
         (run,) = by_stage[stage]
         assert {"classification_report.json", "config.yaml"} <= artefacts(run)
         assert "plots/confusion_matrix.png" in artefacts(run, "plots")
@@ -182,10 +184,12 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
         assert set(report["circle"]) == {"precision", "recall", "f1-score", "support"}
         assert sum(report[c]["support"] for c in ("circle", "square", "triangle", "cross", "star", "ring")) == 240
     assert by_stage["mlp_probe"][0].data.params["protocol.hidden"] == "[512, 256]"
+    assert by_stage["finetune"][0].data.params["protocol.layer_decay"] == "0.75"
 
     # segment (pretrained and random): IoU / F1 metrics and a sample prediction plot
     assert len(by_stage["segment"]) == 2
     for run in by_stage["segment"]:
+        assert run.data.params["protocol.loss"] == "dice"
         assert 0.0 <= run.data.metrics["test/iou"] <= run.data.metrics["test/f1"] <= 1.0
         assert "plots/segment_samples.png" in artefacts(run, "plots")
 
@@ -204,11 +208,12 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
     assert {"results.md", "results.json"} <= artefacts(parent)
     results = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json")).read_text())
     steps = [(r["step"], r["pretrained"]) for r in results["summary"]["rows"]]
-    assert steps == [("knn", "simclr"), ("linear_probe", "simclr"), ("mlp_probe", "simclr"), ("segment", "simclr"),
-                     ("segment", "random")]
+    assert steps == [("knn", "simclr"), ("linear_probe", "simclr"), ("mlp_probe", "simclr"), ("finetune", "simclr"),
+                     ("segment", "simclr"), ("segment", "random")]
     head = results["summary"]["headline"]
-    assert head["segment/test_iou"] == by_stage["segment"][0].data.metrics["test/iou"] or \
-        head["segment/test_iou"] == by_stage["segment"][1].data.metrics["test/iou"]
+    seg = {r.data.tags["sslpipe.pretrained"] == "random": r.data.metrics["test/iou"] for r in by_stage["segment"]}
+    assert head["segment/test_iou"] == seg[False] and head["segment-random/test_iou"] == seg[True]
+    assert "| segment | simclr |" in (Path(client.download_artifacts(parent.info.run_id, "results.md")).read_text())
     assert {"knn/test_top1", "mlp_probe/test_top1", "segment-random/test_iou"} <= set(parent.data.metrics)
 
     # the downstream example loads the export: its probe, untrained, scores what the manifest says
