@@ -2,7 +2,7 @@
 encoder, then train two linear heads on the frozen features for the same small budget, one
 starting from the exported linear probe and one from scratch, and print both accuracies.
 
-    python examples/downstream.py outputs/runs/<date>/<time>_pipeline_simclr/export [--steps 20]
+    python examples/downstream.py outputs/runs/<date>/<time>_pipeline_simclr/export [--steps 20] [overrides]
 
 The data set is the one the manifest names, built by sslpipe's own reader (so a digits or
 shapes export needs nothing else); the optimizer follows the manifest's recommended settings.
@@ -71,7 +71,9 @@ def main() -> None:
     parser.add_argument("export", type=Path, help="an export folder (manifest.json + encoder + linear_head)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps for each head (the same for both)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="overrides of the data set as in the run, e.g. "
+                        "dataset.source.test_size=240 (the manifest names the data set, not its settings)")
+    args = parser.parse_intermixed_args()
 
     from sslpipe.config import build, compose
 
@@ -82,7 +84,7 @@ def main() -> None:
     if probe is None:
         raise SystemExit(f"{args.export} has no linear_head; export after a linear_probe step (stage=pipeline does)")
 
-    splits = build(compose([f"dataset={manifest['dataset']['name']}"]).dataset.source)
+    splits = build(compose([f"dataset={manifest['dataset']['name']}", *args.overrides]).dataset.source)
     norm = manifest["backbone"]["normalization"]
     x_train, x_test = (features(encoder, s.images, norm["mean"], norm["std"]) for s in (splits.train, splits.test))
     y_train, y_test = splits.train.labels, splits.test.labels

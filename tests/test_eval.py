@@ -219,12 +219,14 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
     # the downstream example loads the export: its probe, untrained, scores what the manifest says
     export = cli.cwd / "outputs" / "run" / "export"
     manifest = json.loads((export / "manifest.json").read_text())
-    ex = subprocess.run([sys.executable, str(REPO / "examples" / "downstream.py"), str(export), "--steps", "10"],
+    ex = subprocess.run([sys.executable, str(REPO / "examples" / "downstream.py"), str(export), "--steps", "10",
+                         *TINY_SHAPES[1:]],
                         cwd=cli.cwd, capture_output=True, text=True, timeout=300)
     assert ex.returncode == 0, ex.stderr[-2000:]
     before = re.search(r"before training: exported probe top1 ([0-9.]+), scratch head top1 ([0-9.]+)", ex.stdout)
     after = re.search(r"after 10 steps .*: exported probe top1 ([0-9.]+), scratch head top1 ([0-9.]+)", ex.stdout)
     assert before and after, ex.stdout
+    assert "240 test" in ex.stdout  # the run's own test split, not the data set's default
     assert float(before.group(1)) == pytest.approx(manifest["metrics"]["linear_probe/test/top1"], abs=1 / 240 + 1e-9)
 
 
