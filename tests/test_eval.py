@@ -193,15 +193,11 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
         assert 0.0 <= run.data.metrics["test/iou"] <= run.data.metrics["test/f1"] <= 1.0
         assert "plots/segment_samples.png" in artefacts(run, "plots")
 
-    # visualize: t-SNE, PCA, UMAP (when umap-learn is installed) and class-pair plots
+    # visualize: t-SNE, PCA, UMAP (umap-learn is a dependency) and class-pair plots
     (vis,) = by_stage["visualize"]
     plots = {Path(p).name for p in artefacts(vis, "plots")}
-    assert {"tsne.png", "pca.png"} <= plots and len([p for p in plots if p.startswith("pair_")]) == 2
-    try:
-        import umap  # noqa: F401
-        assert "umap.png" in plots
-    except ImportError:
-        assert "sslpipe.visualize.skipped.umap" in vis.data.tags
+    assert {"tsne.png", "pca.png", "umap.png"} <= plots and len([p for p in plots if p.startswith("pair_")]) == 2
+    assert "sslpipe.visualize.skipped.umap" not in vis.data.tags
 
     # the parent's summary has every step's headline number, segment's IoU included
     (parent,) = by_stage["pipeline"]
