@@ -94,7 +94,6 @@ def main() -> None:
 
     import tempfile
 
-    import numpy as np
     import torch
     from PIL import Image
     from scipy.stats import ks_2samp

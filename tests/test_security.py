@@ -7,7 +7,6 @@ import os
 import pickle
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_PRETRAIN

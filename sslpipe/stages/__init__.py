@@ -119,14 +119,20 @@ def normalizer(ctx: Context):
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.device, batch_size: int) -> torch.Tensor:
-    """Features of every image of `split`, once, in eval mode: (N, num_features) on the CPU."""
+    """Features of every image of `split`, once, in eval mode: (N, num_features) on the CPU.
+    Under DDP each rank extracts its shard and all ranks get the whole split's features."""
+    from sslpipe import distributed
     from sslpipe.data import EpochLoader
 
     backbone.eval().to(device)
     normalize = normalize.to(device)
-    out = [backbone(normalize(x.to(device, non_blocking=True))).float().cpu()
-           for x, _ in EpochLoader(split, batch_size, shuffle=False, drop_last=False)]
-    return torch.cat(out)
+
+    def extract(part) -> torch.Tensor:
+        out = [backbone(normalize(x.to(device, non_blocking=True))).float()
+               for x, _ in EpochLoader(part, batch_size, shuffle=False, drop_last=False)]
+        return torch.cat(out) if out else torch.empty(0, backbone.num_features, device=device)
+
+    return distributed.extract_features_sharded(extract, split).cpu()
 
 
 def print_table(title: str, text: str) -> None:

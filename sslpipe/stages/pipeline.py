@@ -11,7 +11,7 @@ from omegaconf import open_dict
 
 from sslpipe.progress import write_results
 from sslpipe.reports import results_table
-from sslpipe.stages import STAGES, Context, StageResult, dispatch, print_table, stage_run
+from sslpipe.stages import STAGES, Context, StageResult, dispatch, stage_run
 
 STEPS = tuple(s for s in STAGES if s not in ("pretrain", "pipeline"))
 PROBES = ("knn", "linear_probe", "mlp_probe", "finetune")   # classification: test/top1 heads their row
