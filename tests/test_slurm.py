@@ -6,6 +6,7 @@ Skipped only where sbatch is absent and CI is not set; with CI=true a missing cl
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import shutil
@@ -65,14 +66,41 @@ def sacct_states(job: str) -> list[str]:
     return out.stdout.split()
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.2, diagnose=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
+
+
+def job_report(job: str) -> str:
+    """What SLURM says of a job and of the queue: the message of a wait that timed out."""
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30)
+    queue = subprocess.run(["squeue", "-o", "%i %T %r"], capture_output=True, text=True, timeout=30)
+    return f"sacct: {sacct_states(job)}\n{show.stdout or show.stderr}\nsqueue:\n{queue.stdout}"
+
+
+def release(job: str) -> None:
+    """Start a requeued job now: slurmctld holds it ~2 minutes (reason BeginTime) before it may
+    run again, or holds it outright (requeue hold) when it was requeued while still ending."""
+    reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+    if reason == "BeginTime":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+    elif "held" in reason.lower() or reason in ("JobHeldUser", "JobHeldAdmin"):
+        subprocess.run(["scontrol", "release", job], capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def empty_queue():
+    """Each test starts and leaves the one-node cluster idle: a job left behind by a failed
+    test would hold its cores and stall the next test's jobs."""
+    yield
+    subprocess.run(["scancel", "--full", "-u", getpass.getuser()], capture_output=True)
+    wait_until(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 60,
+               "the queue to empty after the test")
 
 
 def settled_states(job: str, timeout: float = 60) -> list[str]:
@@ -90,9 +118,7 @@ def wait_releasing_requeued(proc: subprocess.Popen, timeout: float) -> str:
     while proc.poll() is None and time.time() < deadline:
         held = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
         for line in held.splitlines():
-            job, reason = line.split(maxsplit=1)
-            if reason.strip() == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            release(line.split(maxsplit=1)[0])
         time.sleep(0.5)
     out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
     return out
@@ -201,12 +227,16 @@ def test_sbatch_template_requeues_itself_on_sigusr2_and_resumes(tmp_path, refere
     sh(["scancel", "--signal=USR2", job], tmp_path)
     wait_until(lambda: "REQUEUED" in sacct_states(job), 60, "the requeue")
 
-    def finished():
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)  # skip the hold
-        return sacct_states(job)[-1:] == ["COMPLETED"]
+    def ended():
+        release(job)
+        states = sacct_states(job)
+        return states[-1:] and states[-1] not in ("REQUEUED", "PENDING", "RUNNING", "COMPLETING") and states
 
-    wait_until(finished, 240, "the requeued job to complete", poll=1.0)
-    log = (tmp_path / f"sslpipe-{job}.out").read_text()
+    log_file = tmp_path / f"sslpipe-{job}.out"
+    states = wait_until(ended, 240, "the requeued job to end", poll=1.0,
+                        diagnose=lambda: job_report(job) + (log_file.read_text()[-3000:] if log_file.exists() else ""))
+    log = log_file.read_text()
+    assert states[-1] == "COMPLETED", f"{states}\n{job_report(job)}\n{log[-3000:]}"
     assert "by a signal" in log and "restart 1" in log and "resumed from" in log, log[-3000:]
     _requeued_run_matches_reference(tmp_path, run_dir, reference, job)
 
