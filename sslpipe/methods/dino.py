@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
@@ -10,10 +12,10 @@ from torch import nn
 from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
 
 
-def dino_heads(*args) -> tuple[DINOProjectionHead, DINOProjectionHead]:
+def dino_heads(*args, **kwargs) -> tuple[DINOProjectionHead, DINOProjectionHead]:
     """A student DINO head and a frozen teacher copy. Built twice and copied by state dict:
     the head's weight-normed last layer holds a non-leaf tensor that `copy.deepcopy` refuses."""
-    student, teacher = DINOProjectionHead(*args), DINOProjectionHead(*args)
+    student, teacher = DINOProjectionHead(*args, **kwargs), DINOProjectionHead(*args, **kwargs)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
@@ -27,6 +29,15 @@ def teacher_temperature(progress: float, warmup_start: float, end: float, warmup
     return warmup_start + (end - warmup_start) * progress / warmup_fraction
 
 
+def freeze_last_layer(head: DINOProjectionHead, frozen: Callable[[], bool]) -> None:
+    """Zero the gradients of the head's last layer while `frozen()` holds (DINO freezes it for
+    the first epoch: "we freeze the last layer during the first epoch", main_dino.py). Done by
+    gradient hooks because the training loop has no call between backward and optimizer step."""
+    for param in head.last_layer.parameters():
+        if param.requires_grad:
+            param.register_hook(lambda grad: torch.zeros_like(grad) if frozen() else grad)
+
+
 class DINO(nn.Module):
     """Self-distillation: a student (backbone + DINO head) matches the centred, sharpened
     softmax of an EMA teacher across views. The teacher sees the 2 global views; the student
@@ -36,8 +47,9 @@ class DINO(nn.Module):
     Shapes: views 2 x (B, C, H, W) + local_views x (B, C, h, w) -> head outputs (B, output_dim).
     Defaults: output_dim 65536, student T 0.1, teacher T 0.04 -> 0.04..0.07, centre momentum 0.9,
     teacher momentum 0.996 -> 1 (paper, appendix); the yaml shrinks the head for small data.
-    The first-epoch freeze of the head's last layer is left out: it needs a hook between
-    backward and the optimizer step that the loop does not have.
+    `batch_norm` puts BatchNorm in the head's hidden layers (the paper's ResNet-50 head); the
+    head's last layer is frozen while training progress < `freeze_last_layer_fraction` (the
+    paper: the first epoch).
     """
 
     global_views, needs_labels = 2, False
@@ -47,12 +59,16 @@ class DINO(nn.Module):
                  bottleneck_dim: int = 256, output_dim: int = 65536, student_temperature: float = 0.1,
                  warmup_teacher_temperature: float = 0.04, teacher_temperature: float = 0.04,
                  warmup_teacher_fraction: float = 0.3, center_momentum: float = 0.9,
-                 momentum_start: float = 0.996, momentum_end: float = 1.0):
+                 momentum_start: float = 0.996, momentum_end: float = 1.0, batch_norm: bool = False,
+                 norm_last_layer: bool = True, freeze_last_layer_fraction: float = 0.0):
         super().__init__()
         self.local_views = local_views
         self.backbone = backbone
         self.projector, self.teacher_projector = dino_heads(backbone.num_features, proj_hidden_dim, bottleneck_dim,
-                                                            output_dim)
+                                                            output_dim, batch_norm=batch_norm,
+                                                            norm_last_layer=norm_last_layer)
+        self.progress = 0.0
+        freeze_last_layer(self.projector, lambda: self.progress < freeze_last_layer_fraction)
         self.teacher_backbone = frozen_copy(self.backbone)
         self.criterion = DINOLoss(output_dim=output_dim, teacher_temp=teacher_temperature,
                                   student_temp=student_temperature, center_momentum=center_momentum)
@@ -60,6 +76,7 @@ class DINO(nn.Module):
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
+        self.progress = progress
         global_views = views[: self.global_views]
         with torch.no_grad():
             teacher_out = [self.teacher_projector(self.teacher_backbone(v)) for v in global_views]

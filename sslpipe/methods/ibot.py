@@ -8,7 +8,7 @@ from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.utils import random_block_mask
 from torch import nn
 
-from sslpipe.methods.dino import dino_heads, teacher_temperature
+from sslpipe.methods.dino import dino_heads, freeze_last_layer, teacher_temperature
 from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
 from sslpipe.methods.vit import patch_size, require_vit
 
@@ -35,14 +35,18 @@ class IBOT(nn.Module):
                  min_image_mask_ratio: float = 0.1, max_image_mask_ratio: float = 0.5,
                  student_temperature: float = 0.1, warmup_teacher_temperature: float = 0.04,
                  teacher_temperature: float = 0.07, warmup_teacher_fraction: float = 0.3,
-                 center_momentum: float = 0.9, momentum_start: float = 0.996, momentum_end: float = 1.0):
+                 center_momentum: float = 0.9, momentum_start: float = 0.996, momentum_end: float = 1.0,
+                 batch_norm: bool = False, freeze_last_layer_fraction: float = 0.0):
         super().__init__()
         require_vit(backbone, "ibot")
         self.backbone = backbone
         self.student = MaskedVisionTransformerTIMM(vit=backbone)  # wraps (and shares) the backbone's weights
         head = (backbone.num_features, proj_hidden_dim, bottleneck_dim, output_dim)
-        self.projector, self.teacher_projector = dino_heads(*head)
-        self.patch_head, self.teacher_patch_head = dino_heads(*head)
+        self.projector, self.teacher_projector = dino_heads(*head, batch_norm=batch_norm)
+        self.patch_head, self.teacher_patch_head = dino_heads(*head, batch_norm=batch_norm)
+        self.progress = 0.0
+        for student_head in (self.projector, self.patch_head):
+            freeze_last_layer(student_head, lambda: self.progress < freeze_last_layer_fraction)
         self.teacher = frozen_copy(self.student)
         self.cls_loss = DINOLoss(output_dim=output_dim, student_temp=student_temperature,
                                  center_momentum=center_momentum)
@@ -62,6 +66,7 @@ class IBOT(nn.Module):
                                  max_image_mask_ratio=high, min_num_masks_per_block=1, device=images.device)
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
+        self.progress = progress
         images = torch.cat(views[: self.global_views])
         mask = self.block_mask(images)
         patches = mask.flatten(1)  # (2B, N)
