@@ -138,6 +138,25 @@ def test_dino_teacher_temperature_warms_up():
     assert teacher_temperature(0.9, 0.04, 0.07, 0.3) == pytest.approx(0.07)
 
 
+@pytest.mark.parametrize("name", ["dino", "ibot"])
+def test_head_last_layer_is_frozen_only_early(name, digits_batch):
+    """freeze_last_layer_fraction=0.1: at progress 0 the student head's last layer gets zero
+    gradients (the rest of the head does not); at progress 0.5 it learns."""
+    method, cfg = build_method(name, "method.freeze_last_layer_fraction=0.1")
+    images, labels = digits_batch
+    views = make_views(method, cfg, images)
+    head = method.projector
+    last = [p for p in head.last_layer.parameters() if p.requires_grad]
+    rest = [p for n, p in head.named_parameters() if not n.startswith("last_layer") and p.requires_grad]
+    assert last and rest
+    for progress, frozen in ((0.0, True), (0.5, False)):
+        method.zero_grad()
+        method.training_step(views, labels, progress).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rest), f"{name}: head at {progress}"
+        last_norm = sum(p.grad.abs().sum().item() for p in last)
+        assert (last_norm == 0) == frozen, f"{name}: last layer grad {last_norm} at progress {progress}"
+
+
 # ---------------------------------------------------------------------------- MoCo queue
 def test_queue_enqueue_dequeue():
     from sslpipe.methods.queue import queue_criterion
