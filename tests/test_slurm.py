@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,18 @@ def job_report(job: str) -> str:
 
 def release(job: str) -> None:
     """Start a requeued job now: slurmctld holds it ~2 minutes (reason BeginTime) before it may
-    run again, or holds it outright (requeue hold) when it was requeued while still ending."""
-    reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+    run again, or holds it outright (requeue hold) when it was requeued while still ending.
+    Not within 2 s of the requeue: slurmd revokes a killed job's credential with one-second
+    resolution, and a relaunch in the same second fails ("Job credential revoked", state FAILED;
+    CI hit this once)."""
+    line = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r|%V"], capture_output=True, text=True).stdout.strip()
+    reason, _, queued = line.partition("|")
+    try:
+        waited = (datetime.now() - datetime.fromisoformat(queued)).total_seconds()
+    except ValueError:
+        return  # no longer queued
+    if waited < 2:
+        return
     if reason == "BeginTime":
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     elif "held" in reason.lower() or reason in ("JobHeldUser", "JobHeldAdmin"):
