@@ -28,8 +28,13 @@ class MoCoV1(nn.Module):
     def __init__(self, backbone: nn.Module, proj_output_dim: int = 128, memory_bank_size: int = 65536,
                  temperature: float = 0.07, momentum_start: float = 0.999, momentum_end: float = 0.999):
         super().__init__()
-        self.backbone = backbone
-        self.projector = ProjectionHead([(backbone.num_features, proj_output_dim, None, None)])  # v1: one fc layer
+        projector = ProjectionHead([(backbone.num_features, proj_output_dim, None, None)])  # v1: one fc layer
+        self._build(backbone, projector, proj_output_dim, memory_bank_size, temperature, momentum_start, momentum_end)
+
+    def _build(self, backbone: nn.Module, projector: nn.Module, proj_output_dim: int, memory_bank_size: int,
+               temperature: float, momentum_start: float, momentum_end: float) -> None:
+        """The query encoder, its momentum copy (the key encoder) and the queue's criterion."""
+        self.backbone, self.projector = backbone, projector
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)
         self.memory_bank_size = memory_bank_size

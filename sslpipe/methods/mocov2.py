@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import torch
 from lightly.models.modules import MoCoProjectionHead
 from torch import nn
 
-from sslpipe.methods import queue
-from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
+from sslpipe.methods.mocov1 import MoCoV1
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(MoCoV1):
     """MoCo v1 with a 2-layer MLP head (lightly's `MoCoProjectionHead`), T = 0.2 and stronger
-    augmentation (the dataset's augment block); the same momentum key encoder and queue.
+    augmentation (the dataset's augment block); the same momentum key encoder, queue and step
+    (inherited from `MoCoV1`).
 
     Shapes: views 2 x (B, C, H, W) -> query, key (B, proj_output_dim); queue (K, proj_output_dim).
     Defaults: MLP 2048 -> 128 on ResNet-50 in the paper (hidden = input width); K 65536, T 0.2
@@ -25,27 +24,6 @@ class MoCoV2(nn.Module):
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 128,
                  memory_bank_size: int = 65536, temperature: float = 0.2, momentum_start: float = 0.999,
                  momentum_end: float = 0.999):
-        super().__init__()
-        self.backbone = backbone
-        self.projector = MoCoProjectionHead(backbone.num_features, proj_hidden_dim, proj_output_dim)
-        self.key_backbone = frozen_copy(self.backbone)
-        self.key_projector = frozen_copy(self.projector)
-        self.memory_bank_size = memory_bank_size
-        self.momentum_start, self.momentum_end = momentum_start, momentum_end
-        self.criterion = queue.queue_criterion(temperature, memory_bank_size, proj_output_dim)
-
-    def fit_data(self, num_images: int, batch_size: int) -> None:
-        queue.refit(self, num_images, batch_size)
-
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
-        x_query, x_key = views
-        query = self.projector(self.backbone(x_query))
-        with torch.no_grad():
-            key = self.key_projector(self.key_backbone(x_key))
-        return self.criterion(query, key)  # enqueues `key`, dequeues the oldest batch
-
-    @torch.no_grad()
-    def after_step(self, progress: float) -> None:
-        m = momentum_at(progress, self.momentum_start, self.momentum_end)
-        ema_update(self.backbone, self.key_backbone, m)
-        ema_update(self.projector, self.key_projector, m)
+        nn.Module.__init__(self)
+        projector = MoCoProjectionHead(backbone.num_features, proj_hidden_dim, proj_output_dim)
+        self._build(backbone, projector, proj_output_dim, memory_bank_size, temperature, momentum_start, momentum_end)
