@@ -172,13 +172,15 @@ def sslpipe_overrides(method: str, size: int, batch_size: int, steps: int, devic
                      "dataset.augment.blur_prob=0.5", "dataset.augment.solarize_prob=0.1"]
 
 
-def sslpipe_run(overrides: list[str], tmp: Path, skip: int, batch_size: int) -> float:
+def sslpipe_run(overrides: list[str], tmp: Path, skip: int, batch_size: int, round_: int) -> float:
+    """One fresh run per round: its own run folder and store (a run folder that holds a final
+    checkpoint would resume, train nothing and report the earlier round's numbers again)."""
     from mlflow.tracking import MlflowClient
 
-    store = f"sqlite:///{tmp}/mlflow.db"
+    store = f"sqlite:///{tmp}/mlflow-{round_}.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "SSLPIPE_PROGRESS": "log", "HYDRA_FULL_ERROR": "1"}
     out = subprocess.run([sys.executable, "-m", "sslpipe", *overrides, f"tracking.artifact_root={tmp}/artifacts",
-                          f"hydra.run.dir={tmp}/run"], cwd=tmp, env=env, capture_output=True, text=True)
+                          f"hydra.run.dir={tmp}/run-{round_}"], cwd=tmp, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"sslpipe failed:\n{out.stderr[-3000:]}")
     client = MlflowClient(tracking_uri=store)
@@ -212,12 +214,12 @@ def main() -> None:
     array = np.load(tmp / "npy" / "train_images.npy")
     overrides = sslpipe_overrides(args.method, size, bs, args.steps, args.device, tmp / "npy")
     theirs, ours = [], []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         if args.method == "simclr":
             theirs.append(lightly_simclr(array, args.device, args.steps, args.skip, args.workers, bs))
         else:
             theirs.append(lightly_dino(array, args.device, args.steps, args.skip, args.workers, bs, local))
-        ours.append(sslpipe_run(overrides, tmp, args.skip, bs))
+        ours.append(sslpipe_run(overrides, tmp, args.skip, bs, round_))
     print(f"recipe: resnet18 (torchvision stem), {size} px" + (f", 2 global + 6 local {local} px views" if args.method == "dino" else ", 2 views")
           + f", batch {bs}; {args.steps} steps, timed after step {args.skip}; lightly DataLoader workers: {args.workers}\n")
     print(f"sslpipe command: `python -m sslpipe {' '.join(overrides)}`\n")
@@ -226,6 +228,9 @@ def main() -> None:
         [f"lightly examples/pytorch/{args.method}.py (PIL transforms in DataLoader workers)", med(theirs), 1.0],
         [f"sslpipe stage=pretrain (batched on-device augmentation, {args.device})", med(ours), med(ours) / med(theirs)],
     ])
+    if args.rounds > 1:  # the rounds alternate lightly / sslpipe; each round's own ratio shows the noise
+        print("\nper round (lightly, sslpipe images/s, ratio): "
+              + "; ".join(f"{t:.0f}, {o:.0f}, {o / t:.3f}" for t, o in zip(theirs, ours)))
 
 
 if __name__ == "__main__":
