@@ -13,8 +13,8 @@ cpu_tables() {
   $run benchmarks/overhead.py --device cpu --steps 30 --rounds 3
   $run benchmarks/tracking.py --device cpu
   $run benchmarks/augment.py --device cpu --n 2048
-  $run benchmarks/peer.py --method simclr --device cpu --steps 10 --skip 3 --workers 2
-  $run benchmarks/peer.py --method dino --device cpu --size 32 --local-size 13 --steps 10 --skip 3 --workers 2
+  $run benchmarks/peer.py --method simclr --device cpu --steps 30 --skip 10 --workers 2 --rounds 3
+  $run benchmarks/peer.py --method dino --device cpu --size 32 --local-size 13 --steps 30 --skip 10 --workers 2 --rounds 3
   $run benchmarks/startup.py --rounds 5 --step-rounds 2
 }
 gpu_tables() {
@@ -22,8 +22,8 @@ gpu_tables() {
   $run benchmarks/overhead.py --device cuda --steps 100 --rounds 3 --synthetic 8192 backbone=resnet18 dataset=npy
   $run benchmarks/tracking.py --device cuda --synthetic 8192 backbone=resnet18 dataset=npy
   $run benchmarks/augment.py --device cuda --n 8192
-  $run benchmarks/peer.py --method simclr --device cuda --steps 40
-  $run benchmarks/peer.py --method dino --device cuda --steps 25
+  $run benchmarks/peer.py --method simclr --device cuda --steps 40 --skip 3
+  $run benchmarks/peer.py --method dino --device cuda --steps 25 --skip 3
   $run benchmarks/flops.py --device cuda --compile
 }
 [ "$what" != gpu ] && { cpu_tables >"$out/cpu.md" 2>"$out/cpu.err" & }
