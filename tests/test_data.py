@@ -50,6 +50,54 @@ def test_every_dataset_yaml_has_the_common_keys(name):
     assert len(ds.norm.mean) == len(ds.norm.std) == ds.channels
 
 
+# ------------------------------------------------------------------ CIFAR-10 (python pickle batches)
+def write_cifar10(root: Path, monkeypatch, per_batch: int = 20, n_test: int = 10):
+    """cifar-10-batches-py as the tarball unpacks it: data_batch_1..5 and test_batch (dicts of a
+    uint8 (N, 3072) `data` and a `labels` list) and batches.meta (`label_names`)."""
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    batches = {f"data_batch_{i}": (rng_images(per_batch, 3072, seed=10 + i), [(i + j) % 10 for j in range(per_batch)])
+               for i in range(1, 6)}
+    batches["test_batch"] = (rng_images(n_test, 3072, seed=20), [(3 * j) % 10 for j in range(n_test)])
+    for name, (data, labels) in batches.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"k{i}" for i in range(10)], "num_vis": 3072}, f)
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(folder / "batches.meta")})
+    return batches
+
+
+def test_cifar10_reads_pickle_batches_and_holds_out_val(tmp_path, monkeypatch):
+    batches = write_cifar10(tmp_path, monkeypatch)
+    train_data = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
+    train_labels = sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    splits = splits_of("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.source.val_size=0")
+    assert torch.equal(splits.train.images, torch.from_numpy(train_data.reshape(-1, 3, 32, 32)))  # R, G, B planes
+    assert splits.train.labels.tolist() == train_labels
+    assert torch.equal(splits.test.images, torch.from_numpy(batches["test_batch"][0].reshape(-1, 3, 32, 32)))
+    assert splits.test.labels.tolist() == batches["test_batch"][1]
+    assert splits.classes == [f"k{i}" for i in range(10)]
+    # the yaml's stratified hold-out: val_size images, every class in it, none also in train
+    held = splits_of("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.source.val_size=20")
+    assert len(held.val) == 20 and len(held.train) == 80
+    assert sorted(Counter(held.val.labels.tolist()).values()) == [2] * 10
+    rows = {bytes(img.numpy().tobytes()) for img in held.train.images}
+    assert not any(bytes(img.numpy().tobytes()) in rows for img in held.val.images)
+
+
+def test_cifar10_corrupt_batch_fails_naming_the_root(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, monkeypatch)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
+        f.write(b"corrupt")
+    with pytest.raises(FileNotFoundError, match="cifar10.*" + str(tmp_path)):
+        splits_of("dataset=cifar10", f"dataset.root={tmp_path}")
+
+
 # ------------------------------------------------------------------ CIFAR-100 (python pickle batches)
 def write_cifar100(root: Path, monkeypatch, train_labels: list[int], test_labels: list[int]):
     from torchvision.datasets import CIFAR100
