@@ -208,7 +208,9 @@ def test_mnist_family_reads_idx_files(tmp_path, variant, folder):
 def test_mnist_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         splits_of("dataset=mnist", f"dataset.root={tmp_path}")
-    assert str(tmp_path) in str(err.value) and "MNIST/raw/train-images-idx3-ubyte" in str(err.value)
+    msg = str(err.value)  # root, each place looked in, and the four file names
+    assert str(tmp_path) in msg and str(tmp_path / "MNIST" / "raw") in msg
+    assert all(f"{p}-{kind}-ubyte" in msg for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
 
 
 # ------------------------------------------------------------------ image folders (PNG)

@@ -76,23 +76,31 @@ def load_stl10(root: str, download: bool = False, image_size: int = 96, val_size
 # ------------------------------------------------------------------ MNIST, Fashion-MNIST
 def load_mnist(variant: str, root: str, download: bool = False, image_size: int = 28, val_size: int = 5000,
                split_seed: int = 0) -> Splits:
-    """MNIST or Fashion-MNIST from the idx files in `<root>/<MNIST|FashionMNIST>/raw` (the
-    uncompressed `train-images-idx3-ubyte` etc., as torchvision reads them)."""
+    """MNIST or Fashion-MNIST from the idx files wherever `root` has them: the four files,
+    gzipped as the authors ship them or plain, in `root` itself, or in torchvision's
+    `<root>/<MNIST|FashionMNIST>/raw` (see sslpipe.data.idx, which parses them by hand).
+    `download=true` fetches them with torchvision into that raw folder when none are found."""
     from torchvision import datasets
+
+    from sslpipe.data.idx import locate_idx_files, read_idx_pair
 
     readers = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
     if variant not in readers:
         raise ValueError(f"unknown MNIST variant '{variant}'; valid: {sorted(readers)}")
     reader = readers[variant]
+    folder = reader.__name__  # torchvision's folder: MNIST, FashionMNIST
     try:
-        train = reader(root=root, train=True, download=download)
-        test = reader(root=root, train=False, download=download)
-    except RuntimeError:
-        files = [f"{reader.__name__}/raw/{p}-{kind}-idx{d}-ubyte" for p in ("train", "t10k")
-                 for kind, d in (("images", 3), ("labels", 1))]
-        require_files(variant, root, files, "Put the uncompressed idx files there, or set dataset.download=true.")
-        raise
-    def split_of(ds) -> Split:
-        return Split(resize_uint8(ds.data.unsqueeze(1).contiguous(), image_size), ds.targets.long())
+        files = locate_idx_files(variant, root, folder, "Put them there, or set dataset.download=true.")
+    except FileNotFoundError:
+        if not download:
+            raise
+        reader(root=root, train=True, download=True)  # fetches all four into <root>/<folder>/raw
+        files = locate_idx_files(variant, root, folder)
+    classes = list(reader.classes)
 
-    return _hold_out_val(split_of(train), split_of(test), list(train.classes), val_size, split_seed)
+    def split_of(prefix: str) -> Split:
+        images, labels = read_idx_pair(*files[prefix], num_classes=len(classes))
+        return Split(resize_uint8(torch.from_numpy(images).unsqueeze(1).contiguous(), image_size),
+                     torch.from_numpy(labels))
+
+    return _hold_out_val(split_of("train"), split_of("t10k"), classes, val_size, split_seed)
