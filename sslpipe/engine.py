@@ -61,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def to_device(batch, device: torch.device):
+    """A batch's images on `device`: one tensor, or a tuple of tensors (one per crop size)."""
+    if isinstance(batch, (tuple, list)):
+        return tuple(t.to(device, non_blocking=True) for t in batch)
+    return batch.to(device, non_blocking=True)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step i: linear warm-up, then cosine to min_ratio."""
     def factor(i: int) -> float:
@@ -151,7 +158,7 @@ class Loop:
             t_data = time.perf_counter()
             for images_u8, labels in self.loader:
                 wait += time.perf_counter() - t_data
-                images_u8 = images_u8.to(self.device, non_blocking=True)
+                images_u8 = to_device(images_u8, self.device)  # a tensor, or the stream loader's tuple of crops
                 labels = labels.to(self.device, non_blocking=True)
                 progress = state.step / self.total
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -168,7 +175,7 @@ class Loop:
                 if not self.sync_every_step:
                     self._unchecked = loss.detach().float() + (0.0 if self._unchecked is None else self._unchecked)
                 loss_n += 1
-                images += len(images_u8)
+                images += len(labels)
                 if accum == s.grad_accum:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -178,7 +185,7 @@ class Loop:
                     self.after_step(state.step / self.total)
                     if self.progress is not None:  # the loss stays a device scalar unless it is drawn
                         self.progress.update(state.step, self.total, state.epoch + state.batch / len(self.loader),
-                                             loss.detach(), len(images_u8) * s.grad_accum)
+                                             loss.detach(), len(labels) * s.grad_accum)
                     if state.step % s.log_every == 0 or state.step == self.total:
                         self.check_finite()
                         elapsed = time.perf_counter() - t_last

@@ -36,7 +36,8 @@ RULES: list[Rule] = [
     ("dataset.data_ratio", "a data ratio in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
     ("dataset.image_size", "an integer in 1..2048", lambda v: _int(v) and 1 <= v <= 2048),
     ("dataset.channels", "1 or 3", lambda v: v in (1, 3)),
-    ("dataset.num_classes", "an integer >= 2", lambda v: _int(v) and v >= 2),
+    ("dataset.num_classes", "null (inferred from the data where it can be) or an integer >= 2",
+     lambda v: v is None or (_int(v) and v >= 2)),
     ("seed", "an integer", _int),
     ("device", "one of auto, cpu, cuda, cuda:<n>", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
     ("stage*.epochs", "an integer >= 1", lambda v: _int(v) and v >= 1),
@@ -119,7 +120,10 @@ def check_splits(splits, name: str, channels: int, num_classes: int, image_size:
         where = f"dataset={name} {split_name} split"
         if len(split) == 0:
             raise ConfigError(f"{where} is empty")
-        c, h, w = split.images.shape[1:]
+        if not hasattr(split, "images"):  # streamed: read at dataset.image_size / channels by construction
+            c, h, w = split.channels, image_size, image_size
+        else:
+            c, h, w = split.images.shape[1:]
         if c != channels:
             raise ConfigError(f"{where} has {c}-channel images but dataset.channels={channels}")
         if (h, w) != (image_size, image_size):

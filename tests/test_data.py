@@ -228,7 +228,8 @@ def test_imagefolder_reads_train_and_test_folders(tmp_path):
     train = write_folder(tmp_path / "train", {"cat": 3, "dog": 2})
     test = write_folder(tmp_path / "test", {"cat": 1, "dog": 1}, seed=50)
     splits = splits_of("dataset=imagefolder", f"dataset.root={tmp_path}", "dataset.num_classes=2",
-                       "dataset.image_size=8", "dataset.source.val_ratio=0")
+                       "dataset.image_size=8", "dataset.source.val_ratio=0", "dataset.eval_crop_ratio=1.0",
+                       "dataset.loader=memory")
     assert splits.classes == ["cat", "dog"]
     assert splits.train.labels.tolist() == [0, 0, 0, 1, 1] and splits.val is None
     assert torch.equal(splits.train.images[3], torch.from_numpy(train["dog"][0]).permute(2, 0, 1))
@@ -239,18 +240,20 @@ def test_imagefolder_resizes_and_holds_out_by_ratio(tmp_path):
     write_folder(tmp_path, {"a": 10, "b": 10, "c": 10}, size=(20, 12))
     splits = splits_of("dataset=imagefolder", f"dataset.root={tmp_path}", "dataset.num_classes=3",
                        "dataset.image_size=8", "dataset.channels=1", "dataset.norm.mean=[0.5]", "dataset.norm.std=[0.5]",
-                       "dataset.source.train_dir=.", "dataset.source.val_ratio=0.2", "dataset.source.test_ratio=0.3")
+                       "dataset.source.val_ratio=0.2", "dataset.source.test_ratio=0.3")  # torchvision's layout, found
     assert splits.train.images.shape[1:] == (1, 8, 8)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 6, 9)
     assert sorted(Counter(splits.test.labels.tolist()).values()) == [3, 3, 3]  # stratified
 
 
 def test_imagefolder_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*train/<class>"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*no class folders.*<class>/<image>"):
         splits_of("dataset=imagefolder", f"dataset.root={tmp_path}")
+    with pytest.raises(FileNotFoundError, match=f"dataset.root='{tmp_path}/nope' is not a folder"):
+        splits_of("dataset=imagefolder", f"dataset.root={tmp_path}/nope")
     write_folder(tmp_path / "train", {"a": 2, "b": 2})
-    with pytest.raises(ValueError, match="2 class folders.*dataset.num_classes=2"):
-        splits_of("dataset=imagefolder", f"dataset.root={tmp_path}")  # yaml says 10
+    with pytest.raises(ValueError, match="2 class folders.*but dataset.num_classes=10.*num_classes=2"):
+        splits_of("dataset=imagefolder", f"dataset.root={tmp_path}", "dataset.num_classes=10")
 
 
 # ------------------------------------------------------------------ npy splits (seed 003)

@@ -41,6 +41,8 @@ class Splits:
     # Images for pretraining only (labels -1), e.g. STL-10's 100k unlabelled split; the
     # pretraining pool is train + unlabeled, the probes see train alone.
     unlabeled: Split | None = None
+    # "memory": Split tensors; "stream": sslpipe.data.files.FileSplit, decoded per sample
+    loader: str = "memory"
 
 
 def concat(*splits: Split) -> Split:
@@ -101,6 +103,17 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return out
 
 
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's sample order for one epoch: a permutation seeded by (seed, epoch), so a
+    resumed run sees the same order, cut to a multiple of world_size, every world_size-th
+    sample from `rank` (DistributedSampler's scheme). Shared by the memory and stream loaders."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        order = torch.arange(n)
+    return order[: (n // world_size) * world_size][rank::world_size]
+
+
 class EpochLoader:
     """Batches of (uint8 images, labels) from a `Split`, shuffled per epoch by a generator
     seeded from (seed, epoch) so that a resumed run sees the same order; `start` skips
@@ -128,13 +141,7 @@ class EpochLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.split)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        order = order[: (n // self.world_size) * self.world_size][self.rank :: self.world_size]
+        order = epoch_order(len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size)
         for b in range(self.start, len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.split.images[index], self.split.labels[index]

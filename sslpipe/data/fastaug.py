@@ -27,10 +27,12 @@ class RandomResizedCrop(nn.Module):
         super().__init__()
         self.size, self.scale, self.ratio, self.tries = tuple(size), tuple(scale), tuple(ratio), tries
 
-    def boxes(self, b: int, height: int, width: int, device) -> torch.Tensor:
-        """(b, 4) crop boxes x0, y0, x1, y1 in pixels, as torchvision's get_params draws them."""
-        area = height * width * torch.empty(b, self.tries, device=device).uniform_(*self.scale)
-        log_r = torch.empty(b, self.tries, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+    def boxes(self, b: int, height: int, width: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(b, 4) crop boxes x0, y0, x1, y1 in pixels, as torchvision's get_params draws them
+        (the streaming loader draws them per image with its own `generator`)."""
+        area = height * width * torch.empty(b, self.tries, device=device).uniform_(*self.scale, generator=generator)
+        log_r = torch.empty(b, self.tries, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]),
+                                                                   generator=generator)
         r = torch.exp(log_r)
         w = torch.sqrt(area * r).round()
         h = torch.sqrt(area / r).round()
@@ -48,8 +50,8 @@ class RandomResizedCrop(nn.Module):
             fw, fh = width, height
         miss = first < 0
         w, h = torch.where(miss, float(fw), w), torch.where(miss, float(fh), h)
-        x0 = torch.floor(torch.rand(b, device=device) * (width - w + 1))
-        y0 = torch.floor(torch.rand(b, device=device) * (height - h + 1))
+        x0 = torch.floor(torch.rand(b, device=device, generator=generator) * (width - w + 1))
+        y0 = torch.floor(torch.rand(b, device=device, generator=generator) * (height - h + 1))
         x0 = torch.where(miss, (width - w) // 2, x0)
         y0 = torch.where(miss, (height - h) // 2, y0)
         return torch.stack([x0, y0, x0 + w, y0 + h], 1)

@@ -46,13 +46,15 @@ class Augment(nn.Module):
     """One random view per image: resized crop, flip, rotation, colour jitter, grayscale,
     blur, solarize (the SimCLR / BYOL op set), then normalisation."""
 
-    def __init__(self, size: int, spec: AugmentSpec, mean: list[float], std: list[float]):
+    def __init__(self, size: int, spec: AugmentSpec, mean: list[float], std: list[float], crop: bool = True):
         super().__init__()
         import kornia.augmentation as K
 
         from sslpipe.data.fastaug import ColorJitter, RandomResizedCrop  # batched, torchvision's semantics
 
-        ops: list[nn.Module] = [RandomResizedCrop((size, size), scale=tuple(spec.crop_scale), ratio=tuple(spec.crop_ratio))]
+        # crop=False: the streaming loader has cut the crop from the original image already
+        ops: list[nn.Module] = [RandomResizedCrop((size, size), scale=tuple(spec.crop_scale),
+                                                  ratio=tuple(spec.crop_ratio))] if crop else []
         if spec.hflip > 0:
             ops.append(K.RandomHorizontalFlip(p=spec.hflip))
         if spec.rotation > 0:
@@ -77,20 +79,40 @@ class Augment(nn.Module):
 
 
 class MultiView(nn.Module):
-    """`global_views` views at full size and `local_views` small crops (DINO's multi-crop)."""
+    """`global_views` views at full size and `local_views` small crops (DINO's multi-crop).
+
+    Input: uint8 (B, C, H, W) images, cropped here (the memory path), or the tuple of uint8
+    crops that the streaming loader cut from the original images in `crops()` order
+    (`crop=False`): the remaining ops run batched on the device either way."""
 
     def __init__(self, size: int, spec: AugmentSpec, mean: list[float], std: list[float], global_views: int = 2,
-                 local_views: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = (0.05, 0.4)):
+                 local_views: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = (0.05, 0.4),
+                 crop: bool = True):
         super().__init__()
         self.global_views, self.local_views = global_views, local_views
-        self.global_aug = Augment(size, spec, mean, std)
+        self.size, self.local_size = size, local_size or max(4, size * 3 // 7)
+        self.spec, self.local_scale = spec, tuple(local_scale)
+        self.global_aug = Augment(size, spec, mean, std, crop=crop)
         if local_views:
             local_spec = AugmentSpec(**{**spec.__dict__, "crop_scale": tuple(local_scale)})
-            self.local_aug = Augment(local_size or max(4, size * 3 // 7), local_spec, mean, std)
+            self.local_aug = Augment(self.local_size, local_spec, mean, std, crop=crop)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # The views of one size in one batched call (each image repeated): the same independent
-        # per-image draws as one call per view, with a fraction of the kernel launches.
+    def crops(self):
+        """The crops a loader must cut for this module: global views, then local views."""
+        from sslpipe.data.stream import CropSpec
+
+        ratio = tuple(self.spec.crop_ratio)
+        out = [CropSpec(self.global_views, self.size, tuple(self.spec.crop_scale), ratio)]
+        return out + ([CropSpec(self.local_views, self.local_size, self.local_scale, ratio)] if self.local_views else [])
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        # The views of one size in one batched call: the same independent per-image draws as
+        # one call per view, with a fraction of the kernel launches.
+        if isinstance(x, (tuple, list)):  # crops from the streaming loader
+            views = list(self.global_aug(torch.cat(x[:self.global_views])).chunk(self.global_views))
+            if self.local_views:
+                views += list(self.local_aug(torch.cat(x[self.global_views:])).chunk(self.local_views))
+            return views
         views = list(self.global_aug(x.repeat(self.global_views, 1, 1, 1)).chunk(self.global_views))
         if self.local_views:
             views += list(self.local_aug(x.repeat(self.local_views, 1, 1, 1)).chunk(self.local_views))

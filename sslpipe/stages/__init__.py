@@ -31,6 +31,7 @@ class Context:
     tracker: Tracker
     parent_id: str | None = None
     run_name_suffix: str = ""
+    loader: str | None = None   # memory | stream: how build_splits read the data (an MLflow tag)
 
     def for_stage(self, name: str, pretrained: str | None, sub_dir: str, suffix: str = "") -> "Context":
         """The context of one pipeline step: cfg.stage replaced by cfg.stage.<name>."""
@@ -38,7 +39,7 @@ class Context:
         with open_dict(cfg):
             cfg.stage = self.cfg.stage[name]
             cfg.pretrained = pretrained
-        return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix)
+        return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix, self.loader)
 
 
 @dataclass
@@ -63,6 +64,8 @@ def tags(ctx: Context) -> dict[str, str]:
            "sslpipe.pretrained": str(cfg.pretrained) if cfg.pretrained is not None else "none"}
     import os
 
+    if ctx.loader:
+        out["sslpipe.loader"] = ctx.loader
     if os.environ.get("SLURM_JOB_ID"):
         out["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
     return out
@@ -87,6 +90,34 @@ def stage_run(ctx: Context, run_id: str | None = None):
 
 
 # ------------------------------------------------------------------ shared building blocks
+_READ: dict[str, Splits] = {}
+
+
+def read_splits(source: DictConfig) -> Splits:
+    """`build(dataset.source)`, read once per process: the steps of a pipeline share the data
+    set instead of reading (and, in memory, decoding) it again. Returns a shallow copy, which
+    callers may reassign fields of."""
+    import dataclasses
+
+    key = OmegaConf.to_yaml(source, resolve=True)
+    if key not in _READ:
+        _READ.clear()  # one data set at a time
+        _READ[key] = build(source)
+    return dataclasses.replace(_READ[key])
+
+
+def resolve_num_classes(ctx: Context) -> Splits:
+    """Read the data set; where `dataset.num_classes` is null (imagefolder), set it from the
+    class folders found. Records the loader used on `ctx`. Returns the splits as read."""
+    splits = read_splits(ctx.cfg.dataset.source)
+    ctx.loader = splits.loader
+    if ctx.cfg.dataset.num_classes is None:
+        with open_dict(ctx.cfg):
+            ctx.cfg.dataset.num_classes = len(splits.classes)
+        log.info("dataset.num_classes inferred from the data: %d", len(splits.classes))
+    return splits
+
+
 def build_splits(ctx: Context, labelled: bool) -> Splits:
     """The dataset's splits. `dataset.data_ratio` keeps that share of the training data at all
     (seed 002); then with `labelled` the train split keeps `dataset.fraction` per class (seed
@@ -94,7 +125,7 @@ def build_splits(ctx: Context, labelled: bool) -> Splits:
     from sslpipe.validate import check_splits
 
     ds = ctx.cfg.dataset
-    splits: Splits = build(ds.source)
+    splits = resolve_num_classes(ctx)
     ratio = ds.get("data_ratio", 1.0)
     splits.train = data_ratio_subset(splits.train, ratio, ctx.cfg.seed)
     if splits.unlabeled is not None:
@@ -117,22 +148,54 @@ def normalizer(ctx: Context):
     return Normalize(list(ctx.cfg.dataset.norm.mean), list(ctx.cfg.dataset.norm.std))
 
 
+# Features of the last few (weights, split) pairs: a pipeline's knn / linear / mlp probes (and
+# visualize) run on the same encoder and splits, and read and encode the images once.
+_FEATURES: dict[tuple, torch.Tensor] = {}
+_FEATURES_KEPT = 8
+
+
+def _fingerprint(backbone: torch.nn.Module, split, normalize) -> tuple:
+    """Identity of (weights, images, normalisation): a digest of every tensor, so the random-init
+    baselines of two stages share features only if their weights are equal too."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for t in [*backbone.state_dict().values(), normalize.mean, normalize.std]:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes() if t.numel() else b"")
+    if hasattr(split, "images"):  # the pixels themselves (about 1 GB/s)
+        digest.update(split.images.cpu().contiguous().numpy().tobytes())
+    else:  # the files and how they are read
+        digest.update(f"{split.paths.root}|{split.settings}".encode())
+        digest.update(split.paths.data.tobytes())
+        digest.update(split.paths.offsets.tobytes())
+    digest.update(split.labels.cpu().numpy().tobytes())
+    return digest.hexdigest(), len(split)
+
+
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.device, batch_size: int) -> torch.Tensor:
-    """Features of every image of `split`, once, in eval mode: (N, num_features) on the CPU.
-    Under DDP each rank extracts its shard and all ranks get the whole split's features."""
+    """Features of every image of `split` (its eval view), once, in eval mode: (N, num_features)
+    on the CPU; reused while the weights and the split are the same. Under DDP each rank
+    extracts its shard and all ranks get the whole split's features."""
     from sslpipe import distributed
-    from sslpipe.data import EpochLoader
+    from sslpipe.data.loaders import eval_loader
 
+    key = _fingerprint(backbone, split, normalize)
+    if key in _FEATURES:
+        log.info("features of %d images reused (same weights and split)", len(split))
+        return _FEATURES[key]
     backbone.eval().to(device)
     normalize = normalize.to(device)
 
     def extract(part) -> torch.Tensor:
-        out = [backbone(normalize(x.to(device, non_blocking=True))).float()
-               for x, _ in EpochLoader(part, batch_size, shuffle=False, drop_last=False)]
+        out = [backbone(normalize(x.to(device, non_blocking=True))).float() for x, _ in eval_loader(part, batch_size)]
         return torch.cat(out) if out else torch.empty(0, backbone.num_features, device=device)
 
-    return distributed.extract_features_sharded(extract, split).cpu()
+    features = distributed.extract_features_sharded(extract, split).cpu()
+    while len(_FEATURES) >= _FEATURES_KEPT:
+        _FEATURES.pop(next(iter(_FEATURES)))
+    _FEATURES[key] = features
+    return features
 
 
 def print_table(title: str, text: str) -> None:

@@ -10,7 +10,8 @@ from torch import nn
 
 from sslpipe.checkpoint import load_pretrained
 from sslpipe.config import build
-from sslpipe.data import EpochLoader
+from sslpipe.data.loaders import eval_loader, is_streamed, training_loader
+from sslpipe.data.stream import CropSpec
 from sslpipe.data.views import Augment, AugmentSpec
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings
@@ -71,26 +72,31 @@ def param_groups(model: Classifier | nn.Module, backbone_lr: float, head_lr: flo
 @torch.no_grad()
 def predict(model: nn.Module, split, normalize, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(normalize(x.to(device))).argmax(1).cpu()
-                      for x, _ in EpochLoader(split, batch_size, shuffle=False, drop_last=False)])
+    return torch.cat([model(normalize(x.to(device))).argmax(1).cpu() for x, _ in eval_loader(split, batch_size)])
 
 
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=True)
-    loader = EpochLoader(splits.train, st.batch_size, shuffle=True, drop_last=len(splits.train) > st.batch_size,
-                         seed=cfg.seed, rank=rank(), world_size=world_size())
     norm = normalizer(ctx).to(ctx.device)
     spec = AugmentSpec(**{**cfg.dataset.augment, "crop_scale": (st.crop_min, 1.0)})
-    augment = Augment(cfg.dataset.image_size, spec, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std)).to(ctx.device)
+    streamed = is_streamed(splits.train)
+    # streamed: the crop is cut from the original image in the loader's workers (without augment: the centre square)
+    augment = Augment(cfg.dataset.image_size, spec, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std),
+                      crop=not streamed).to(ctx.device)
+    crops = [CropSpec(1, cfg.dataset.image_size, spec.crop_scale, tuple(spec.crop_ratio)) if st.augment
+             else CropSpec(1, cfg.dataset.image_size, (1.0, 1.0), (1.0, 1.0))]
+    loader = training_loader(splits.train, st.batch_size, crops, seed=cfg.seed, rank=rank(), world_size=world_size(),
+                             drop_last=len(splits.train) > st.batch_size, device=ctx.device)
     # ------------------------------------------------------------ model
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, "finetune", cfg.tracking.uri)
     model = Classifier(backbone, cfg.dataset.num_classes).to(ctx.device)
     optimizer = build(st.optimizer)(param_groups(model, st.backbone_lr, st.head_lr, st.layer_decay))
 
-    def step(images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
+    def step(images: torch.Tensor | tuple, labels: torch.Tensor, progress: float) -> torch.Tensor:
+        images = images[0] if isinstance(images, tuple) else images  # the stream loader's one crop
         x = augment(images) if st.augment else norm(images)
         return F.cross_entropy(model(x), labels)
 

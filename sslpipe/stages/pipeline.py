@@ -11,7 +11,7 @@ from omegaconf import open_dict
 
 from sslpipe.progress import write_results
 from sslpipe.reports import results_table
-from sslpipe.stages import STAGES, Context, StageResult, dispatch, stage_run
+from sslpipe.stages import STAGES, Context, StageResult, dispatch, resolve_num_classes, stage_run
 
 STEPS = tuple(s for s in STAGES if s not in ("pretrain", "pipeline"))
 PROBES = ("knn", "linear_probe", "mlp_probe", "finetune")   # classification: test/top1 heads their row
@@ -37,6 +37,7 @@ def run(ctx: Context) -> StageResult:
     _check(st.stages, "stages")
     _check(st.baseline, "baseline")
     rows, results = [], {}
+    resolve_num_classes(ctx)  # every step, export's manifest too, sees the inferred count
     with stage_run(ctx) as parent:
         ctx.parent_id = parent.id
         pre = dispatch(ctx.for_stage("pretrain", None, "pretrain"))

@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from sslpipe import checkpoint as ckpt
 from sslpipe import distributed
 from sslpipe.config import build
-from sslpipe.data import EpochLoader
+from sslpipe.data.loaders import is_streamed, training_loader
 from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
@@ -53,15 +53,19 @@ def check_pairing(method_name: str, method_cls, backbone: torch.nn.Module, backb
         raise ConfigError(f"{method_name} needs a ViT backbone ({', '.join(vit_backbones())}); got {backbone_name}")
 
 
-def _loader(cfg, method_cls, train):
-    """Shuffled batches; class-balanced ones (stage.batch_size // method.samples_per_class classes
-    x samples_per_class images) for a method that declares `class_balanced` (SIMO2)."""
+def _loader(cfg, method_cls, train, views: MultiView, device: torch.device):
+    """Shuffled batches (from memory, or streamed with every view cut in the workers);
+    class-balanced ones (stage.batch_size // method.samples_per_class classes x
+    samples_per_class images) for a method that declares `class_balanced` (SIMO2)."""
     from sslpipe.validate import ConfigError
 
     st = cfg.stage
     if not getattr(method_cls, "class_balanced", False):
-        return EpochLoader(train, st.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rank=rank(),
-                           world_size=world_size())
+        return training_loader(train, st.batch_size, views.crops(), seed=cfg.seed, rank=rank(),
+                               world_size=world_size(), device=device)
+    if is_streamed(train):
+        raise ConfigError(f"{cfg.method.name} draws class-balanced batches, which the streaming loader does not "
+                          f"make yet; use dataset.loader=memory (a data set that fits in memory)")
     per_class = cfg.method.samples_per_class
     classes = min(st.batch_size // per_class, int((train.labels.unique() >= 0).sum()))
     if classes < 2:
@@ -86,16 +90,18 @@ def run(ctx: Context) -> StageResult:
     check_pairing(cfg.method.name, method_cls, backbone, cfg.backbone.name)
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=getattr(method_cls, "needs_labels", False))  # supervised: labelled train only
-    loader = _loader(cfg, method_cls, device_pool(splits.train, ctx.device))
-    # ------------------------------------------------------------ model
+    train = splits.train if is_streamed(splits.train) else device_pool(splits.train, ctx.device)
+    # ------------------------------------------------------------ model and views
     method = build(cfg.method, backbone=backbone)
+    # streamed: the loader's workers cut the crops from the original images; the rest runs here
+    views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
+                      list(cfg.dataset.norm.std), global_views=method.global_views, local_views=method.local_views,
+                      crop=not is_streamed(train)).to(ctx.device)
+    loader = _loader(cfg, method_cls, train, views, ctx.device)
     if hasattr(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
         method.fit_data(len(splits.train), loader.batch_size)
     method = method.to(ctx.device)
     method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # sslpipe.speed
-    views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
-                      list(cfg.dataset.norm.std), global_views=method.global_views,
-                      local_views=method.local_views).to(ctx.device)
     optimizer = build_optimizer(build(st.optimizer), [p for p in method.parameters() if p.requires_grad], ctx.device)
 
     train_step = distributed.wrap(distributed.training_step_module(method), ctx.device)  # DDP when distributed

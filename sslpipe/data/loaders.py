@@ -1,0 +1,33 @@
+"""The one place a stage gets its batches: the same call for a split held in memory
+(`Split`, batched by index lookups) and a split streamed from files (`FileSplit`, decoded in
+DataLoader workers)."""
+
+from __future__ import annotations
+
+import torch
+
+from sslpipe.data import EpochLoader, Split
+from sslpipe.data.files import FileSplit
+from sslpipe.data.stream import CropSpec, StreamLoader
+
+
+def is_streamed(split) -> bool:
+    return isinstance(split, FileSplit)
+
+
+def training_loader(split: Split | FileSplit, batch_size: int, crops: list[CropSpec], seed: int, rank: int = 0,
+                    world_size: int = 1, drop_last: bool = True, device: torch.device | None = None):
+    """Shuffled batches in (seed, epoch) order. Memory: (uint8 images, labels), cropped later on
+    the device. Stream: (tuple of uint8 crops in `crops` order, labels), cut from the originals."""
+    if is_streamed(split):
+        return StreamLoader(split, split.settings, batch_size, crops=crops, shuffle=True, drop_last=drop_last,
+                            seed=seed, rank=rank, world_size=world_size,
+                            pin_memory=device is not None and device.type == "cuda")
+    return EpochLoader(split, batch_size, shuffle=True, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size)
+
+
+def eval_loader(split: Split | FileSplit, batch_size: int):
+    """Every image once, in order, as its eval view: (uint8 images, labels) batches."""
+    if is_streamed(split):
+        return StreamLoader(split, split.settings, batch_size, crops=None, shuffle=False, drop_last=False)
+    return EpochLoader(split, batch_size, shuffle=False, drop_last=False)

@@ -1,0 +1,254 @@
+"""The streaming path: images read and decoded per sample in DataLoader worker processes.
+
+For data that does not fit in memory (ImageNet-1k decoded at 224 px is about 190 GB): the
+main process holds only the compact file table (`sslpipe.data.files`), each worker opens
+its images, cuts every training view (global and local, DINO's multi-crop) from the
+*original* image with torchvision's RandomResizedCrop parameters, and hands uint8 crops to
+the training device, where the batched colour ops run (`sslpipe.data.views`). Evaluation
+reads the standard view: shorter side to size / crop_ratio, centre crop (0.875 is the
+256 -> 224 ImageNet protocol).
+
+Order and randomness are functions of (seed, epoch, index), not of the worker that happens
+to read a sample: the order is `epoch_order` (the memory loader's), each sample's crop boxes
+come from a generator seeded by (seed, epoch, index), and `set_epoch(epoch, start)` skips
+the batches already trained. A run killed mid-epoch therefore resumes on exactly the
+samples and crops it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sslpipe.data import epoch_order
+from sslpipe.data.fastaug import RandomResizedCrop
+from sslpipe.data.files import FileSplit, ReadSettings
+
+log = logging.getLogger(__name__)
+
+LOADERS = ("auto", "memory", "stream")
+
+
+class BadImageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """`count` random resized crops of `size` px, area in `scale`, aspect ratio in `ratio`."""
+
+    count: int
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def worker_count(setting: int | str) -> int:
+    """`auto`: CPUs this process may use (SLURM_CPUS_PER_TASK under SLURM, else the affinity
+    mask shared among the node's local ranks) less one for the training process, 1..16."""
+    if setting != "auto":
+        if int(setting) < 0:
+            raise ValueError(f"dataset.workers={setting} must be auto or >= 0")
+        return int(setting)
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        cpus = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+        cpus = len(os.sched_getaffinity(0)) // max(1, local)
+    return max(1, min(16, cpus - 1))
+
+
+# ------------------------------------------------------------------ per-sample reading
+def open_image(path: str) -> Image.Image:
+    """The image at `path`, lazily opened (header read, pixels not yet decoded)."""
+    try:
+        image = Image.open(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot read image {path}: {err}") from None
+    return image
+
+
+def _decode(image: Image.Image, path: str, mode: str, boxes: np.ndarray, out_sizes: list[int]) -> tuple[Image.Image, np.ndarray]:
+    """Decode `image` in `mode`; JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when
+    every crop box still has at least its output size at that scale. Returns the image and
+    the boxes in its pixel coordinates."""
+    w0, h0 = image.size  # before draft(), which changes the size at once
+    if image.format == "JPEG" and len(boxes):
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / np.asarray(out_sizes)
+        factor = 1
+        while factor < 8 and sides.min() >= 2 * factor:
+            factor *= 2
+        if factor > 1:
+            w, h = image.size
+            image.draft(mode, (w // factor, h // factor))
+    try:
+        image = image.convert(mode)  # decodes; truncated files fail here
+    except (OSError, ValueError, SyntaxError) as err:
+        raise BadImageError(f"cannot decode image {path}: {err}") from None
+    if image.size == (w0, h0):
+        return image, boxes
+    w, h = image.size  # drafted: ceil(w0 / factor) x ceil(h0 / factor)
+    scaled = boxes * np.array([w / w0, h / h0, w / w0, h / h0])
+    return image, np.minimum(scaled, np.array([w, h, w, h], dtype=scaled.dtype))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    t = torch.from_numpy(np.array(image))  # a writable copy of the pixels
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def centre_box(width: int, height: int, crop_ratio: float) -> tuple[float, float, float, float]:
+    """The eval view's box: a square of crop_ratio x the shorter side, centred."""
+    side = crop_ratio * min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return x0, y0, x0 + side, y0 + side
+
+
+class TrainCrops:
+    """Every view of one image, each a random resized crop of the original (then resized with
+    PIL's antialiased bilinear filter): uint8 (C, size, size) tensors in `specs` order."""
+
+    def __init__(self, specs: list[CropSpec], mode: str):
+        self.specs, self.mode = list(specs), mode
+        self.croppers = [RandomResizedCrop((s.size, s.size), s.scale, s.ratio) for s in self.specs]
+        self.sizes = [s.size for s in self.specs for _ in range(s.count)]
+
+    def __call__(self, image: Image.Image, path: str, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        w, h = image.size
+        boxes = torch.cat([c.boxes(s.count, h, w, "cpu", generator) for c, s in zip(self.croppers, self.specs)]).numpy()
+        image, boxes = _decode(image, path, self.mode, boxes, self.sizes)
+        return tuple(_to_tensor(image.resize((size, size), Image.BILINEAR, box=tuple(box)))
+                     for size, box in zip(self.sizes, boxes.tolist()))
+
+
+class EvalCrop:
+    """The eval view: shorter side to size / crop_ratio, centre crop of size px (one resize of
+    the centre box, PIL bilinear, antialiased): uint8 (C, size, size)."""
+
+    def __init__(self, size: int, crop_ratio: float, mode: str):
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"dataset.eval_crop_ratio={crop_ratio} must be in (0, 1] (0.875: the 256 -> 224 protocol)")
+        self.size, self.crop_ratio, self.mode = size, crop_ratio, mode
+
+    def __call__(self, image: Image.Image, path: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        box = np.array([centre_box(*image.size, self.crop_ratio)])
+        image, boxes = _decode(image, path, self.mode, box, [self.size])
+        return _to_tensor(image.resize((self.size, self.size), Image.BILINEAR, box=tuple(boxes[0].tolist())))
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's crops: a function of (seed, epoch, index) alone."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """`dataset[(index, epoch)]` -> (views or eval view, label) of one file of `split`."""
+
+    def __init__(self, split: FileSplit, transform, seed: int, skip_bad: bool = False):
+        self.split, self.transform, self.seed, self.skip_bad = split, transform, seed, skip_bad
+        self.mode = "L" if split.channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def read(self, index: int, epoch: int):
+        path = self.split.paths[index]
+        image = open_image(path)
+        with image:
+            return self.transform(image, path, sample_generator(self.seed, epoch, index))
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        for attempt in range(len(self.split)):
+            at = (index + attempt) % len(self.split)
+            try:
+                return self.read(at, epoch), self.split.labels[at]
+            except BadImageError as err:
+                if not self.skip_bad:
+                    raise BadImageError(f"{err} (set dataset.skip_bad_images=true to skip unreadable images)") from None
+                log.warning("skipped: %s; read %s in its place", err, self.split.paths[(at + 1) % len(self.split)])
+        raise BadImageError(f"no readable image in the split of {len(self.split)} files under {self.split.paths.root}")
+
+
+class OrderSampler(torch.utils.data.Sampler):
+    """Batches of (index, epoch) keys in `epoch_order`, from batch `start` of the epoch."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int, rank: int, world_size: int):
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        per_rank = self.n // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world_size).tolist()
+        for b in range(self.start, self.batches_per_epoch()):
+            yield [(i, self.epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+@dataclass
+class StreamLoader:
+    """The `EpochLoader` interface (`batch_size`, `len`, `set_epoch(epoch, start)`, iteration)
+    over a `FileSplit` through a DataLoader: persistent workers, pinned memory on CUDA, each
+    worker `prefetch` batches ahead. Yields (views, labels): views a tuple of uint8 (B, C, s, s)
+    tensors for training crops, one uint8 (B, C, s, s) tensor for the eval view."""
+
+    split: FileSplit
+    settings: ReadSettings
+    batch_size: int
+    crops: list[CropSpec] | None = None  # None: the eval view
+    shuffle: bool = True
+    drop_last: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    pin_memory: bool = False
+    workers: int = field(init=False)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        mode = "L" if self.split.channels == 1 else "RGB"
+        if self.crops is None:
+            transform = EvalCrop(self.settings.image_size, self.settings.crop_ratio, mode)
+        else:
+            transform = TrainCrops(self.crops, mode)
+        self.dataset = FileDataset(self.split, transform, self.seed, self.settings.skip_bad)
+        self.sampler = OrderSampler(len(self.split), self.batch_size, self.shuffle, self.drop_last, self.seed,
+                                    self.rank, self.world_size)
+        if self.drop_last and len(self) == 0:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the {len(self.split) // self.world_size} "
+                             f"training images per rank; lower the batch size")
+        self.workers = worker_count(self.settings.workers)
+        self._loader = None
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None:  # built on first use: workers start once, then persist across epochs
+            extra = {"persistent_workers": True, "prefetch_factor": self.settings.prefetch} if self.workers else {}
+            # its own generator: starting the workers must not draw from the global RNG, which the
+            # on-device augmentation uses and a checkpoint restores (resume stays bitwise exact)
+            self._loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                                       num_workers=self.workers, pin_memory=self.pin_memory,
+                                                       generator=torch.Generator().manual_seed(self.seed), **extra)
+        return self._loader
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.epoch, self.sampler.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def __iter__(self):
+        for views, labels in self.loader():
+            yield (tuple(views) if isinstance(views, (list, tuple)) else views), labels

@@ -1,0 +1,207 @@
+"""The streaming data path on real JPEG/PNG files: views cut from the full-resolution image,
+exact order and resume, the file index, layouts, bad images named by path, and a streamed
+pretrain killed mid-epoch that resumes to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslpipe.data import files
+from sslpipe.data.imagefolder import load_imagefolder
+from sslpipe.data.stream import BadImageError, CropSpec, OrderSampler, StreamLoader
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV.pop("MLFLOW_TRACKING_URI", None)
+
+
+def write_jpegs(folder: Path, classes: dict[str, int], seed: int = 0, size=(40, 56)) -> None:
+    rng = np.random.default_rng(seed)
+    for c, (name, n) in enumerate(classes.items()):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            w, h = int(rng.integers(*size)), int(rng.integers(*size))
+            pixels = (rng.random((h, w, 3)) * 80 + 60 * c).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i:04d}.jpg", quality=90)
+
+
+def load(root: Path, **kw):
+    kw = {"image_size": 16, "loader": "stream", "workers": 0, **kw}
+    return load_imagefolder(str(root), **kw)
+
+
+# ------------------------------------------------------------------ views from the original image
+def test_training_views_come_from_the_full_image_not_its_centre_square(tmp_path):
+    """A 240x80 image whose central 80x80 square is black and whose sides are white: the memory
+    path (centre square) never shows white; streamed global and local crops do."""
+    pixels = np.full((80, 240, 3), 255, np.uint8)
+    pixels[:, 80:160] = 0
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(8):
+            Image.fromarray(pixels).save(tmp_path / c / f"{i}.png")
+    memory = load(tmp_path, loader="memory", eval_crop_ratio=1.0, test_ratio=0.25, val_ratio=0)
+    # the centre square is all the memory path has (the resize filter's edge blends in a little white)
+    assert int(memory.train.images.max()) < 64
+
+    splits = load(tmp_path, test_ratio=0.25, val_ratio=0)
+    crops = [CropSpec(2, 32, (0.2, 1.0)), CropSpec(4, 16, (0.05, 0.4))]
+    loader = StreamLoader(splits.train, splits.train.settings, batch_size=4, crops=crops, seed=0)
+    globals_, locals_ = [], []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for views, _ in loader:
+            assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4
+            globals_ += [v for v in views[:2]]
+            locals_ += [v for v in views[2:]]
+    white = lambda vs: sum(int((v > 200).any(dim=(1, 2, 3)).sum()) for v in vs)  # noqa: E731
+    assert white(globals_) > 0 and white(locals_) > 0
+
+
+# ------------------------------------------------------------------ order, ranks, resume
+def test_ranks_read_disjoint_shares_and_cover_the_epoch():
+    keys = []
+    for rank in range(2):
+        sampler = OrderSampler(103, 10, shuffle=True, drop_last=True, seed=3, rank=rank, world_size=2)
+        sampler.epoch = 1
+        batches = list(sampler)
+        assert len(batches) == 5
+        keys.append({i for b in batches for i, e in b if e == 1})
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 100  # 103 // 2 // 10 batches of 10 per rank
+
+
+def test_resumed_epoch_yields_exactly_the_remaining_batches(tmp_path):
+    write_jpegs(tmp_path, {"a": 12, "b": 12})
+    splits = load(tmp_path, workers=2, test_ratio=0.25, val_ratio=0)
+    crops = [CropSpec(2, 16, (0.2, 1.0))]
+
+    def epoch(start: int) -> list:
+        loader = StreamLoader(splits.train, splits.train.settings, batch_size=4, crops=crops, seed=7)
+        loader.set_epoch(2, start=start)
+        return list(loader)
+
+    full, resumed = epoch(0), epoch(2)
+    assert len(full) == 18 // 4 and len(resumed) == len(full) - 2
+    for (va, la), (vb, lb) in zip(full[2:], resumed):
+        assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(va, vb))
+    other = StreamLoader(splits.train, splits.train.settings, batch_size=4, crops=crops, seed=7)
+    other.set_epoch(3)
+    assert not torch.equal(next(iter(other))[0][0], full[0][0][0])  # a new epoch draws new crops
+
+
+# ------------------------------------------------------------------ file index
+def test_file_index_is_written_once_and_reused_until_the_tree_changes(tmp_path, monkeypatch):
+    write_jpegs(tmp_path / "train", {"a": 3, "b": 2})
+    first = load(tmp_path, test_ratio=0.4, val_ratio=0)
+    assert (tmp_path / "train" / ".sslpipe-index.npz").exists()
+
+    def no_scan(*a, **kw):
+        raise AssertionError("listed the tree again although it did not change")
+
+    monkeypatch.setattr(files, "list_class_folders", no_scan)
+    again = load(tmp_path, test_ratio=0.4, val_ratio=0)
+    assert [again.train.paths[i] for i in range(len(again.train))] == [first.train.paths[i] for i in range(len(first.train))]
+    monkeypatch.undo()
+    write_jpegs(tmp_path / "train", {"c": 2}, seed=5)  # a new class folder: the fingerprint changes
+    grown = load(tmp_path, test_ratio=0.4, val_ratio=0)
+    assert len(grown.classes) == 3 and len(grown.train) + len(grown.test) == 7
+
+
+def test_index_falls_back_to_index_dir_when_the_data_folder_rejects_writes(tmp_path, monkeypatch):
+    """Root ignores permission bits, so make the write beside the data fail another way."""
+    data, index_dir = tmp_path / "data", tmp_path / "outputs" / "index"
+    write_jpegs(data, {"a": 3, "b": 3})
+    (data / ".sslpipe-index.npz").mkdir()  # a folder where the index file would go: np.savez/os.replace fail
+    splits = load(data, index_dir=str(index_dir), test_ratio=0.4, val_ratio=0)
+    assert len(splits.train) + len(splits.test) == 6 and len(list(index_dir.glob("*.npz"))) == 1
+
+
+# ------------------------------------------------------------------ layouts and loader choice
+def test_imagenet_layout_val_folder_is_the_test_split_and_classes_are_inferred(tmp_path):
+    write_jpegs(tmp_path / "train", {"n01": 10, "n02": 10, "n03": 10})
+    write_jpegs(tmp_path / "val", {"n01": 2, "n02": 2, "n03": 2}, seed=9)
+    splits = load(tmp_path, val_ratio=0.2)
+    assert splits.classes == ["n01", "n02", "n03"] and splits.loader == "stream"
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 6)
+    assert all("/val/" in splits.test.paths[i] for i in range(6))
+    with pytest.raises(ValueError, match="3 class folders.*dataset.num_classes=5"):
+        load(tmp_path, num_classes=5)
+
+
+def test_auto_loader_takes_memory_within_the_budget_and_streams_beyond_it(tmp_path):
+    write_jpegs(tmp_path, {"a": 5, "b": 5})
+    small = load(tmp_path, loader="auto", memory_budget_gb=1.0, test_ratio=0.2, val_ratio=0)
+    assert small.loader == "memory" and small.train.images.shape[1:] == (3, 16, 16)
+    big = load(tmp_path, loader="auto", memory_budget_gb=1e-6, test_ratio=0.2, val_ratio=0)
+    assert big.loader == "stream" and not hasattr(big.train, "images")
+    with pytest.raises(ValueError, match="dataset.loader='fast' is not one of: auto, memory, stream"):
+        load(tmp_path, loader="fast")
+
+
+# ------------------------------------------------------------------ bad images
+def test_truncated_image_is_named_by_path_or_skipped_on_request(tmp_path):
+    write_jpegs(tmp_path, {"a": 6, "b": 6})
+    bad = tmp_path / "b" / "0003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # cut off mid-scan, as a failed download leaves it
+    with pytest.raises(BadImageError, match=f"{bad}.*skip_bad_images"):
+        load(tmp_path, loader="memory", test_ratio=0.25, val_ratio=0)
+    kept = load(tmp_path, loader="memory", skip_bad_images=True, test_ratio=0.25, val_ratio=0)
+    assert len(kept.train) + len(kept.test) == 11
+
+    streamed = load(tmp_path, test_ratio=0.25, val_ratio=0)
+    everything = streamed.train.subset(np.arange(len(streamed.train)))
+    with pytest.raises(BadImageError, match=str(bad)):
+        for split in (streamed.train, streamed.test):
+            list(StreamLoader(split, split.settings, batch_size=3, crops=None, shuffle=False, drop_last=False))
+    assert len(everything) == len(streamed.train)
+
+
+# ------------------------------------------------------------------ a streamed run killed mid-epoch
+RUN = ["stage=pretrain", "dataset=imagefolder", "dataset.image_size=16", "dataset.loader=stream", "dataset.workers=2",
+       "stage.epochs=20", "stage.max_steps=40", "stage.batch_size=8", "stage.checkpoint_every=7", "stage.log_every=1",
+       "backbone.width=8", "backbone.num_features=32"]
+
+
+@pytest.mark.slow
+def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    from test_resume import assert_same_weights
+
+    from sslpipe import checkpoint as ckpt
+
+    write_jpegs(tmp_path / "data", {"a": 20, "b": 20, "c": 20})
+    run = [*RUN, f"dataset.root={tmp_path / 'data'}"]
+
+    def cli(args, **kw):
+        return subprocess.run([sys.executable, "-m", "sslpipe", *args], cwd=tmp_path, env=ENV, capture_output=True,
+                              text=True, timeout=300, **kw)
+
+    reference = tmp_path / "outputs" / "reference"
+    done = cli([*run, f"hydra.run.dir={reference}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    job = tmp_path / "outputs" / "job"
+    proc = subprocess.Popen([sys.executable, "-m", "sslpipe", *run, f"hydra.run.dir={job}"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+
+    deadline = time.time() + 120
+    while not (job / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR2)  # checkpoint at the next step, then exit
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    loop = ckpt.load(job / "checkpoints" / "last.pt")["loop"]
+    batches_per_epoch = 42 // 8  # 60 images, 30 % held out
+    assert loop["step"] < 40 and loop["batch"] % batches_per_epoch, f"stopped at an epoch boundary: {loop}"
+
+    done = cli([*run, f"hydra.run.dir={job}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(reference, job)  # same samples, same crops, same order: bitwise on CPU
