@@ -205,3 +205,35 @@ def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weight
     done = cli([*run, f"hydra.run.dir={job}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(reference, job)  # same samples, same crops, same order: bitwise on CPU
+
+
+# ------------------------------------------------------------------ the GPU-decode path, run on the CPU
+def test_device_decode_path_cuts_the_same_views_as_the_worker_path(tmp_path):
+    """dataset.loader=gpu decodes whole batches with torchvision's decode_jpeg on the training
+    device and cuts the views there; with device cpu the same code runs here. Same boxes as the
+    worker path, so the views agree up to the resampling filter (roi_align vs PIL bilinear)."""
+    import dataclasses
+
+    write_jpegs(tmp_path, {"a": 6, "b": 6}, size=(60, 90))
+    Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(tmp_path / "a" / "grey.png")  # not a JPEG
+    splits = load(tmp_path, test_ratio=0.25, val_ratio=0, eval_crop_ratio=0.875)
+    on_cpu = dataclasses.replace(splits.train.settings, decode_device="cpu")
+    crops = [CropSpec(2, 24, (0.3, 1.0)), CropSpec(2, 12, (0.1, 0.4))]
+    for specs, shuffle in ((crops, True), (None, False)):
+        worker = list(StreamLoader(splits.train, splits.train.settings, 5, crops=specs, shuffle=shuffle, seed=4))
+        device = list(StreamLoader(splits.train, on_cpu, 5, crops=specs, shuffle=shuffle, seed=4))
+        assert len(worker) == len(device) == 2
+        for (va, la), (vb, lb) in zip(worker, device):
+            va, vb = (va, vb) if specs else ((va,), (vb,))
+            assert torch.equal(la, lb) and [v.shape for v in va] == [v.shape for v in vb]
+            for a, b in zip(va, vb):
+                assert (a.float() - b.float()).abs().mean() < 6.0  # of 255: same region, another filter
+
+
+def test_gpu_loader_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    write_jpegs(tmp_path, {"a": 4, "b": 4})
+    splits = load(tmp_path, loader="gpu", test_ratio=0.25, val_ratio=0)
+    with pytest.raises(RuntimeError, match="dataset.loader=gpu.*CUDA is not available.*dataset.loader=stream"):
+        StreamLoader(splits.train, splits.train.settings, 2, crops=[CropSpec(2, 16, (0.2, 1.0))])

@@ -81,6 +81,7 @@ class ReadSettings:
     workers: int | str = "auto"   # DataLoader workers per rank; auto: the CPUs this rank has, less one
     skip_bad: bool = False        # unreadable image: error naming it (default), or warn and read the next one
     prefetch: int = 4             # batches each worker keeps ready
+    decode_device: str | None = None  # "cuda": JPEGs decoded on the GPU (sslpipe.data.gpu_decode); None: in workers
 
 
 @dataclass

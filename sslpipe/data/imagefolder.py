@@ -10,11 +10,14 @@ error naming both.
 
 Loaders: `memory` decodes every split once into uint8 tensors (the fast path for small sets);
 `stream` keeps only the file table and decodes per sample in DataLoader workers
-(`sslpipe.data.stream`); `auto` takes memory when the decoded splits fit `memory_budget_gb`.
+(`sslpipe.data.stream`); `gpu` streams too but decodes JPEGs on the GPU
+(`sslpipe.data.gpu_decode`); `auto` takes memory when the decoded splits fit
+`memory_budget_gb`, stream otherwise (gpu only when asked for).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,7 +109,7 @@ def choose_loader(loader: str, splits: list[FileSplit], settings: ReadSettings, 
 def load_imagefolder(root: str, image_size: int, num_classes: int | None = None, channels: int = 3,
                      train_dir: str | None = "auto", val_dir: str = "val", test_dir: str = "test",
                      val_ratio: float = 0.1, test_ratio: float = 0.2, split_seed: int = 0, loader: str = "auto",
-                     memory_budget_gb: float = 2.0, eval_crop_ratio: float = 0.875, workers: int | str = "auto",
+                     memory_budget_gb: float = 1.0, eval_crop_ratio: float = 0.875, workers: int | str = "auto",
                      skip_bad_images: bool = False, index_dir: str | None = None) -> Splits:
     """The splits of the tree under `root` (see the module docstring for layouts and loaders).
     Held-out splits are stratified; `val_ratio` / `test_ratio` are shares of all the train
@@ -135,8 +138,16 @@ def load_imagefolder(root: str, image_size: int, num_classes: int | None = None,
         if not ratio:
             return split, None
         count = max(1, round(ratio * total))
-        keep, out = train_test_split(np.arange(len(split)), test_size=count, stratify=split.labels.numpy(),
-                                     random_state=split_seed)
+        labels = split.labels.numpy()
+        counts = np.bincount(labels)
+        if count >= len(classes) and counts[counts > 0].min() >= 2:
+            keep, out = train_test_split(np.arange(len(split)), test_size=count, stratify=labels,
+                                         random_state=split_seed)
+        else:  # fewer held-out images than classes, or a class of one image: no stratified split exists
+            log.warning("imagefolder: holding out %d of %d images at random (not stratified: %d classes, "
+                        "smallest has %d images)", count, len(split), len(classes), int(counts[counts > 0].min()))
+            out = np.random.default_rng(split_seed).choice(len(split), size=count, replace=False)
+            keep = np.setdiff1d(np.arange(len(split)), out)
         return split.subset(np.sort(keep)), split.subset(np.sort(out))
 
     if test_path is None and val_path is not None:  # ImageNet: the val folder is what results are reported on
@@ -152,6 +163,8 @@ def load_imagefolder(root: str, image_size: int, num_classes: int | None = None,
         train, val = hold_out(train, val_ratio)
     parts = {"train": train, "val": val, "test": test}
     kind = choose_loader(loader, [s for s in parts.values() if s is not None], settings, memory_budget_gb)
+    if kind == "gpu":  # streamed, with JPEG decode and crops on the GPU (sslpipe.data.gpu_decode)
+        settings = dataclasses.replace(settings, decode_device="cuda")
     if kind == "memory":
         parts = {name: None if s is None else decode_all(s, settings) for name, s in parts.items()}
     else:

@@ -31,7 +31,7 @@ from sslpipe.data.files import FileSplit, ReadSettings
 
 log = logging.getLogger(__name__)
 
-LOADERS = ("auto", "memory", "stream")
+LOADERS = ("auto", "memory", "stream", "gpu")
 
 
 class BadImageError(RuntimeError):
@@ -109,6 +109,13 @@ def centre_box(width: int, height: int, crop_ratio: float) -> tuple[float, float
     return x0, y0, x0 + side, y0 + side
 
 
+def draw_boxes(croppers: list[RandomResizedCrop], specs: list[CropSpec], width: int, height: int,
+               generator: torch.Generator) -> np.ndarray:
+    """(views, 4) crop boxes x0, y0, x1, y1 of one width x height image, in `specs` order,
+    drawn as torchvision's RandomResizedCrop.get_params does."""
+    return torch.cat([c.boxes(s.count, height, width, "cpu", generator) for c, s in zip(croppers, specs)]).numpy()
+
+
 class TrainCrops:
     """Every view of one image, each a random resized crop of the original (then resized with
     PIL's antialiased bilinear filter): uint8 (C, size, size) tensors in `specs` order."""
@@ -119,8 +126,7 @@ class TrainCrops:
         self.sizes = [s.size for s in self.specs for _ in range(s.count)]
 
     def __call__(self, image: Image.Image, path: str, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        w, h = image.size
-        boxes = torch.cat([c.boxes(s.count, h, w, "cpu", generator) for c, s in zip(self.croppers, self.specs)]).numpy()
+        boxes = draw_boxes(self.croppers, self.specs, *image.size, generator)
         image, boxes = _decode(image, path, self.mode, boxes, self.sizes)
         return tuple(_to_tensor(image.resize((size, size), Image.BILINEAR, box=tuple(box)))
                      for size, box in zip(self.sizes, boxes.tolist()))
@@ -220,7 +226,13 @@ class StreamLoader:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         mode = "L" if self.split.channels == 1 else "RGB"
-        if self.crops is None:
+        self.decode_device = None if self.settings.decode_device is None else torch.device(self.settings.decode_device)
+        if self.decode_device is not None:  # workers read bytes and draw boxes; the batch decodes on the device
+            from sslpipe.data.gpu_decode import EncodedCrops, require_device
+
+            require_device(self.decode_device)
+            transform = EncodedCrops(self.crops, self.settings.crop_ratio)
+        elif self.crops is None:
             transform = EvalCrop(self.settings.image_size, self.settings.crop_ratio, mode)
         else:
             transform = TrainCrops(self.crops, mode)
@@ -238,6 +250,10 @@ class StreamLoader:
             extra = {"persistent_workers": True, "prefetch_factor": self.settings.prefetch} if self.workers else {}
             # its own generator: starting the workers must not draw from the global RNG, which the
             # on-device augmentation uses and a checkpoint restores (resume stays bitwise exact)
+            if self.decode_device is not None:
+                from sslpipe.data.gpu_decode import collate_encoded
+
+                extra["collate_fn"] = collate_encoded
             self._loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
                                                        num_workers=self.workers, pin_memory=self.pin_memory,
                                                        generator=torch.Generator().manual_seed(self.seed), **extra)
@@ -250,5 +266,13 @@ class StreamLoader:
         return self.sampler.batches_per_epoch()
 
     def __iter__(self):
+        if self.decode_device is not None:
+            from sslpipe.data.gpu_decode import cut_views, decode_batch, view_sizes
+
+            sizes = view_sizes(self.crops, self.settings.image_size)
+            for (datas, boxes), labels in self.loader():
+                views = cut_views(decode_batch(datas, self.split.channels, self.decode_device), boxes, sizes)
+                yield (views if self.crops is not None else views[0]), labels
+            return
         for views, labels in self.loader():
             yield (tuple(views) if isinstance(views, (list, tuple)) else views), labels
