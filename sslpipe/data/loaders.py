@@ -8,6 +8,7 @@ import torch
 
 from sslpipe.data import EpochLoader, Split
 from sslpipe.data.files import FileSplit
+from sslpipe.data.shard import ShardLoader, ShardSplit
 from sslpipe.data.stream import CropSpec, StreamLoader
 
 
@@ -19,6 +20,9 @@ def training_loader(split: Split | FileSplit, batch_size: int, crops: list[CropS
                     world_size: int = 1, drop_last: bool = True, device: torch.device | None = None):
     """Shuffled batches in (seed, epoch) order. Memory: (uint8 images, labels), cropped later on
     the device. Stream: (tuple of uint8 crops in `crops` order, labels), cut from the originals."""
+    if isinstance(split, ShardSplit):
+        return ShardLoader(split, split.settings, batch_size, crops=crops, shuffle=True, drop_last=drop_last, seed=seed,
+                           rank=rank, world_size=world_size, pin_memory=device is not None and device.type == "cuda")
     if is_streamed(split):
         return StreamLoader(split, split.settings, batch_size, crops=crops, shuffle=True, drop_last=drop_last,
                             seed=seed, rank=rank, world_size=world_size,
@@ -28,6 +32,8 @@ def training_loader(split: Split | FileSplit, batch_size: int, crops: list[CropS
 
 def eval_loader(split: Split | FileSplit, batch_size: int):
     """Every image once, in order, as its eval view: (uint8 images, labels) batches."""
+    if isinstance(split, ShardSplit):
+        return ShardLoader(split, split.settings, batch_size, crops=None, shuffle=False, drop_last=False)
     if is_streamed(split):
         return StreamLoader(split, split.settings, batch_size, crops=None, shuffle=False, drop_last=False)
     return EpochLoader(split, batch_size, shuffle=False, drop_last=False)
