@@ -5,7 +5,6 @@ and workers, equal steps per rank, exact resume, eval in order; `dataset=shards`
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sslpipe.data.shard import ShardLoader, load_shards, main, shard_split
+from sslpipe.data.shard import main
+from sslpipe.data.shards import ShardLoader, load_shards, shard_split
 from sslpipe.data.stream import CropSpec, EvalCrop, open_image
 
 CLASSES = ["ant", "bee", "cow"]
@@ -63,7 +63,7 @@ def loader(split, rank=0, world_size=1, batch_size=4, workers=2, **kw) -> ShardL
 
 
 def load_settings():
-    from sslpipe.data.shard import ShardReadSettings
+    from sslpipe.data.shards import ShardReadSettings
 
     return ShardReadSettings(8, 3, shuffle_buffer=6)
 
@@ -243,7 +243,7 @@ def test_a_truncated_shard_is_named(sharded, tmp_path):
 
 
 def test_an_undecodable_image_is_named_or_skipped(tmp_path):
-    from sslpipe.data.shard import ShardReadSettings
+    from sslpipe.data.shards import ShardReadSettings
     from sslpipe.data.stream import BadImageError
 
     write_images(tmp_path / "img", per_class=3)

@@ -237,3 +237,26 @@ def test_gpu_loader_without_cuda_is_a_clear_error(tmp_path):
     splits = load(tmp_path, loader="gpu", test_ratio=0.25, val_ratio=0)
     with pytest.raises(RuntimeError, match="dataset.loader=gpu.*CUDA is not available.*dataset.loader=stream"):
         StreamLoader(splits.train, splits.train.settings, 2, crops=[CropSpec(2, 16, (0.2, 1.0))])
+
+
+# ------------------------------------------------------------------ features read once per pipeline
+def test_probes_share_features_of_the_same_weights_and_split(tmp_path, monkeypatch):
+    from sslpipe import stages
+    from sslpipe.backbones import SmallCNN
+    from sslpipe.data import loaders
+    from sslpipe.data.views import Normalize
+
+    write_jpegs(tmp_path, {"a": 5, "b": 5})
+    split = load(tmp_path, test_ratio=0.2, val_ratio=0).train
+    reads = []
+    real = loaders.eval_loader
+    monkeypatch.setattr(loaders, "eval_loader", lambda *a, **kw: reads.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    net, norm = SmallCNN(3, 8, 16), Normalize([0.5] * 3, [0.25] * 3)
+    first = stages.extract_features(net, split, norm, torch.device("cpu"), 4)
+    again = stages.extract_features(net, split, norm, torch.device("cpu"), 4)  # knn, then linear probe
+    assert len(reads) == 1 and torch.equal(first, again) and first.shape == (8, 16)
+    with torch.no_grad():
+        net.features[0][0].weight.add_(0.1)  # other weights (e.g. another random init): read again
+    other = stages.extract_features(net, split, norm, torch.device("cpu"), 4)
+    assert len(reads) == 2 and not torch.equal(other, first)

@@ -8,7 +8,7 @@ import torch
 
 from sslpipe.data import EpochLoader, Split
 from sslpipe.data.files import FileSplit
-from sslpipe.data.shard import ShardLoader, ShardSplit
+from sslpipe.data.shards import ShardLoader, ShardSplit
 from sslpipe.data.stream import CropSpec, StreamLoader
 
 
