@@ -260,3 +260,19 @@ def test_probes_share_features_of_the_same_weights_and_split(tmp_path, monkeypat
         net.features[0][0].weight.add_(0.1)  # other weights (e.g. another random init): read again
     other = stages.extract_features(net, split, norm, torch.device("cpu"), 4)
     assert len(reads) == 2 and not torch.equal(other, first)
+
+
+def test_listing_finds_what_torchvision_finds(tmp_path):
+    """Nested folders, upper-case extensions, non-image files: the same files, labels and order
+    as torchvision's make_dataset."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    write_jpegs(tmp_path, {"cat": 3, "dog": 2})
+    (tmp_path / "dog" / "nested" / "deeper").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "dog" / "nested" / "deeper" / "x.PNG")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "cat" / "odd name ü.jpeg").write_bytes((tmp_path / "cat" / "0000.jpg").read_bytes())
+    table, labels = files.list_class_folders(str(tmp_path), ["cat", "dog"])
+    expected = make_dataset(str(tmp_path), {"cat": 0, "dog": 1}, extensions=IMG_EXTENSIONS)
+    assert [(table[i], int(labels[i])) for i in range(len(table))] == expected
+    assert len(expected) == 7
