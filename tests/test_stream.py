@@ -276,3 +276,23 @@ def test_listing_finds_what_torchvision_finds(tmp_path):
     expected = make_dataset(str(tmp_path), {"cat": 0, "dog": 1}, extensions=IMG_EXTENSIONS)
     assert [(table[i], int(labels[i])) for i in range(len(table))] == expected
     assert len(expected) == 7
+
+
+def test_cpu_training_applies_the_view_ops_in_the_workers_reproducibly(tmp_path):
+    from sslpipe.data.views import AugmentSpec
+
+    write_jpegs(tmp_path, {"a": 4, "b": 4})
+    split = load(tmp_path, test_ratio=0.25, val_ratio=0).train
+    flip = AugmentSpec(hflip=1.0, jitter_prob=0.0, grayscale_prob=1.0)  # always mirrored and grey
+
+    def first(spec):
+        loader = StreamLoader(split, split.settings, 6, crops=[CropSpec(2, 16, (0.3, 1.0), augment=spec)], seed=1)
+        return next(iter(loader))[0]
+
+    plain, grey, again = first(None), first(flip), first(flip)
+    assert all(torch.equal(a, b) for a, b in zip(grey, again))  # a function of (seed, epoch, index)
+    for p, g in zip(plain, grey):
+        assert (g[:, 0] == g[:, 1]).all() and (g[:, 1] == g[:, 2]).all()  # grey: equal channels
+        assert not (p[:, 0] == p[:, 1]).all()
+        luma = (0.299 * p[:, 0].float() + 0.587 * p[:, 1].float() + 0.114 * p[:, 2].float()).flip(-1)
+        assert (luma - g[:, 0].float()).abs().mean() < 2.0  # the same crop, mirrored, in grey

@@ -16,6 +16,14 @@ def is_streamed(split) -> bool:
     return isinstance(split, FileSplit)
 
 
+def ops_in_workers(split, device: torch.device) -> bool:
+    """Where a streamed split's view ops (flip, colour, blur, ...) run: batched on a GPU, but in
+    the DataLoader workers, per PIL image, when training on the CPU: at 224 px PIL's uint8 ops
+    cost less than the batched float ones, and the workers run beside the training process
+    (benchmarks/loader.py measures both). Never for the GPU-decode path (no PIL image there)."""
+    return is_streamed(split) and device.type == "cpu" and split.settings.decode_device is None
+
+
 def training_loader(split: Split | FileSplit, batch_size: int, crops: list[CropSpec], seed: int, rank: int = 0,
                     world_size: int = 1, drop_last: bool = True, device: torch.device | None = None):
     """Shuffled batches in (seed, epoch) order. Memory: (uint8 images, labels), cropped later on

@@ -40,12 +40,41 @@ class BadImageError(RuntimeError):
 
 @dataclass(frozen=True)
 class CropSpec:
-    """`count` random resized crops of `size` px, area in `scale`, aspect ratio in `ratio`."""
+    """`count` random resized crops of `size` px, area in `scale`, aspect ratio in `ratio`;
+    with `augment` (a `sslpipe.data.views.AugmentSpec`) the worker also applies the view's
+    other ops to each crop (`worker_ops`), else they run batched on the training device."""
 
     count: int
     size: int
     scale: tuple[float, float]
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    augment: object | None = None
+
+
+def worker_ops(spec, size: int, colour: bool):
+    """The view ops after the crop, per PIL image, in `sslpipe.data.views.Augment`'s order and
+    with its parameters: flip, rotation, colour jitter, grayscale, blur, solarize (torchvision's
+    PIL transforms; lightly's PIL Gaussian blur with sigma in (0.1, 2) px). For CPU training,
+    where the batched float ops cost more than PIL's uint8 ones at 224 px (measured by
+    benchmarks/loader.py) and run in the DataLoader workers instead of the training process."""
+    from lightly.transforms import GaussianBlur
+    from torchvision import transforms as T
+
+    ops = []
+    if spec.hflip > 0:
+        ops.append(T.RandomHorizontalFlip(spec.hflip))
+    if spec.rotation > 0:
+        ops.append(T.RandomRotation(spec.rotation, interpolation=T.InterpolationMode.BILINEAR))
+    if spec.jitter_prob > 0:
+        ops.append(T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation if colour else 0.0,
+                                                spec.hue if colour else 0.0)], p=spec.jitter_prob))
+    if spec.grayscale_prob > 0 and colour:
+        ops.append(T.RandomGrayscale(spec.grayscale_prob))
+    if spec.blur_prob > 0:
+        ops.append(GaussianBlur(prob=spec.blur_prob, sigmas=(0.1, 2.0)))
+    if spec.solarize_prob > 0:
+        ops.append(T.RandomSolarize(128, p=spec.solarize_prob))  # kornia's default threshold 0.5 of 255
+    return T.Compose(ops)
 
 
 def worker_count(setting: int | str) -> int:
@@ -124,12 +153,21 @@ class TrainCrops:
         self.specs, self.mode = list(specs), mode
         self.croppers = [RandomResizedCrop((s.size, s.size), s.scale, s.ratio) for s in self.specs]
         self.sizes = [s.size for s in self.specs for _ in range(s.count)]
+        ops = [None if s.augment is None else worker_ops(s.augment, s.size, mode == "RGB") for s in self.specs]
+        self.ops = [op for op, s in zip(ops, self.specs) for _ in range(s.count)]
 
     def __call__(self, image: Image.Image, path: str, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         boxes = draw_boxes(self.croppers, self.specs, *image.size, generator)
         image, boxes = _decode(image, path, self.mode, boxes, self.sizes)
-        return tuple(_to_tensor(image.resize((size, size), Image.BILINEAR, box=tuple(box)))
-                     for size, box in zip(self.sizes, boxes.tolist()))
+        crops = [image.resize((size, size), Image.BILINEAR, box=tuple(box)) for size, box in zip(self.sizes, boxes.tolist())]
+        if any(op is not None for op in self.ops):
+            # torchvision's and lightly's PIL ops draw from the global RNGs: seed them from this
+            # sample's generator, so the views stay a function of (seed, epoch, index)
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            crops = [crop if op is None else op(crop) for op, crop in zip(self.ops, crops)]
+        return tuple(_to_tensor(crop) for crop in crops)
 
 
 class EvalCrop:

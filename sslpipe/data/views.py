@@ -46,15 +46,19 @@ class Augment(nn.Module):
     """One random view per image: resized crop, flip, rotation, colour jitter, grayscale,
     blur, solarize (the SimCLR / BYOL op set), then normalisation."""
 
-    def __init__(self, size: int, spec: AugmentSpec, mean: list[float], std: list[float], crop: bool = True):
+    def __init__(self, size: int, spec: AugmentSpec, mean: list[float], std: list[float], crop: bool = True,
+                 view_ops: bool = True):
         super().__init__()
         import kornia.augmentation as K
 
         from sslpipe.data.fastaug import ColorJitter, RandomResizedCrop  # batched, torchvision's semantics
 
-        # crop=False: the streaming loader has cut the crop from the original image already
+        # crop=False: the streaming loader has cut the crop from the original image already;
+        # view_ops=False: its workers applied the other ops too (CPU training), only normalise here
         ops: list[nn.Module] = [RandomResizedCrop((size, size), scale=tuple(spec.crop_scale),
                                                   ratio=tuple(spec.crop_ratio))] if crop else []
+        if not view_ops:
+            spec = AugmentSpec(hflip=0.0, jitter_prob=0.0, grayscale_prob=0.0)
         if spec.hflip > 0:
             ops.append(K.RandomHorizontalFlip(p=spec.hflip))
         if spec.rotation > 0:
@@ -87,23 +91,28 @@ class MultiView(nn.Module):
 
     def __init__(self, size: int, spec: AugmentSpec, mean: list[float], std: list[float], global_views: int = 2,
                  local_views: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = (0.05, 0.4),
-                 crop: bool = True):
+                 crop: bool = True, in_workers: bool = False):
         super().__init__()
         self.global_views, self.local_views = global_views, local_views
         self.size, self.local_size = size, local_size or max(4, size * 3 // 7)
-        self.spec, self.local_scale = spec, tuple(local_scale)
-        self.global_aug = Augment(size, spec, mean, std, crop=crop)
+        self.spec, self.local_scale, self.in_workers = spec, tuple(local_scale), in_workers
+        self.local_spec = AugmentSpec(**{**spec.__dict__, "crop_scale": tuple(local_scale)})
+        self.global_aug = Augment(size, spec, mean, std, crop=crop, view_ops=not in_workers)
         if local_views:
-            local_spec = AugmentSpec(**{**spec.__dict__, "crop_scale": tuple(local_scale)})
-            self.local_aug = Augment(self.local_size, local_spec, mean, std, crop=crop)
+            self.local_aug = Augment(self.local_size, self.local_spec, mean, std, crop=crop, view_ops=not in_workers)
 
     def crops(self):
-        """The crops a loader must cut for this module: global views, then local views."""
+        """The crops a loader must cut for this module: global views, then local views (and,
+        `in_workers`, the ops each view gets there)."""
         from sslpipe.data.stream import CropSpec
 
         ratio = tuple(self.spec.crop_ratio)
-        out = [CropSpec(self.global_views, self.size, tuple(self.spec.crop_scale), ratio)]
-        return out + ([CropSpec(self.local_views, self.local_size, self.local_scale, ratio)] if self.local_views else [])
+        out = [CropSpec(self.global_views, self.size, tuple(self.spec.crop_scale), ratio,
+                        self.spec if self.in_workers else None)]
+        if self.local_views:
+            out.append(CropSpec(self.local_views, self.local_size, self.local_scale, ratio,
+                                self.local_spec if self.in_workers else None))
+        return out
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         # The views of one size in one batched call: the same independent per-image draws as

@@ -10,7 +10,7 @@ from torch import nn
 
 from sslpipe.checkpoint import load_pretrained
 from sslpipe.config import build
-from sslpipe.data.loaders import eval_loader, is_streamed, training_loader
+from sslpipe.data.loaders import eval_loader, is_streamed, ops_in_workers, training_loader
 from sslpipe.data.stream import CropSpec
 from sslpipe.data.views import Augment, AugmentSpec
 from sslpipe.distributed import rank, world_size
@@ -81,12 +81,13 @@ def run(ctx: Context) -> StageResult:
     splits = build_splits(ctx, labelled=True)
     norm = normalizer(ctx).to(ctx.device)
     spec = AugmentSpec(**{**cfg.dataset.augment, "crop_scale": (st.crop_min, 1.0)})
-    streamed = is_streamed(splits.train)
-    # streamed: the crop is cut from the original image in the loader's workers (without augment: the centre square)
+    streamed, in_workers = is_streamed(splits.train), ops_in_workers(splits.train, ctx.device)
+    # streamed: the crop is cut from the original image in the loader's workers (without augment: the
+    # centre square), and on the CPU the other view ops too (sslpipe.data.loaders.ops_in_workers)
     augment = Augment(cfg.dataset.image_size, spec, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std),
-                      crop=not streamed).to(ctx.device)
-    crops = [CropSpec(1, cfg.dataset.image_size, spec.crop_scale, tuple(spec.crop_ratio)) if st.augment
-             else CropSpec(1, cfg.dataset.image_size, (1.0, 1.0), (1.0, 1.0))]
+                      crop=not streamed, view_ops=not in_workers).to(ctx.device)
+    crops = [CropSpec(1, cfg.dataset.image_size, spec.crop_scale, tuple(spec.crop_ratio), spec if in_workers else None)
+             if st.augment else CropSpec(1, cfg.dataset.image_size, (1.0, 1.0), (1.0, 1.0))]
     loader = training_loader(splits.train, st.batch_size, crops, seed=cfg.seed, rank=rank(), world_size=world_size(),
                              drop_last=len(splits.train) > st.batch_size, device=ctx.device)
     # ------------------------------------------------------------ model

@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from sslpipe import checkpoint as ckpt
 from sslpipe import distributed
 from sslpipe.config import build
-from sslpipe.data.loaders import is_streamed, training_loader
+from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader
 from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
@@ -93,10 +93,11 @@ def run(ctx: Context) -> StageResult:
     train = splits.train if is_streamed(splits.train) else device_pool(splits.train, ctx.device)
     # ------------------------------------------------------------ model and views
     method = build(cfg.method, backbone=backbone)
-    # streamed: the loader's workers cut the crops from the original images; the rest runs here
+    # streamed: the loader's workers cut the crops from the original images; the other view ops
+    # run batched on the GPU, or, training on the CPU, per image in the workers too
     views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
                       list(cfg.dataset.norm.std), global_views=method.global_views, local_views=method.local_views,
-                      crop=not is_streamed(train)).to(ctx.device)
+                      crop=not is_streamed(train), in_workers=ops_in_workers(train, ctx.device)).to(ctx.device)
     loader = _loader(cfg, method_cls, train, views, ctx.device)
     if hasattr(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
         method.fit_data(len(splits.train), loader.batch_size)
