@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark table, as docs/benchmarks.md shows them. On a GPU machine the CPU tables run
 # at the same time on two cores of their own (taskset, OMP_NUM_THREADS=2, no GPU visible),
-# the GPU tables on the other cores.  Usage: benchmarks/run_all.sh OUT_DIR [cpu|gpu|both]
+# the GPU tables on the other cores.  Usage: benchmarks/run_all.sh OUT_DIR [cpu|gpu|both|data]
 set -u
 out=${1:-bench-out}; what=${2:-both}
 mkdir -p "$out"
@@ -26,6 +26,12 @@ gpu_tables() {
   $run benchmarks/peer.py --method dino --device cuda --steps 25 --skip 3
   $run benchmarks/flops.py --device cuda --compile
 }
+data_tables() {  # ImageNet-shaped folders of up to 1.28M hard-linked JPEGs under /tmp (about 15 minutes)
+  python3 benchmarks/data_scale.py --workdir /tmp/sslpipe-scale --sizes 1000 10000 128000 1281000 --memory-baseline 10000 --listing
+  python3 benchmarks/loader.py --workdir /tmp/sslpipe-scale --workers 2 --rounds 3
+  python3 benchmarks/stream_vs_memory.py --workdir /tmp/sslpipe-svm --seeds 0 1 2
+}
+if [ "$what" = data ]; then data_tables >"$out/data.md" 2>"$out/data.err"; exit; fi
 [ "$what" != gpu ] && { cpu_tables >"$out/cpu.md" 2>"$out/cpu.err" & }
 [ "$what" != cpu ] && { gpu_tables >"$out/gpu.md" 2>"$out/gpu.err" & }
 wait

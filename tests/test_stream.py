@@ -296,3 +296,31 @@ def test_cpu_training_applies_the_view_ops_in_the_workers_reproducibly(tmp_path)
         assert not (p[:, 0] == p[:, 1]).all()
         luma = (0.299 * p[:, 0].float() + 0.587 * p[:, 1].float() + 0.114 * p[:, 2].float()).flip(-1)
         assert (luma - g[:, 0].float()).abs().mean() < 2.0  # the same crop, mirrored, in grey
+
+
+@pytest.mark.slow
+def test_streamed_pretrain_under_two_gloo_ranks_reads_half_each(tmp_path):
+    """torchrun, 2 processes on the CPU (gloo): each rank streams its own half of the epoch."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    write_jpegs(tmp_path / "data", {"a": 10, "b": 10})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "sslpipe", "stage=pretrain", "dataset=imagefolder",
+                           f"dataset.root={tmp_path / 'data'}", "dataset.image_size=16", "dataset.loader=stream",
+                           "dataset.workers=1", "device=cpu", "stage.max_steps=3", "stage.batch_size=4",
+                           "backbone.width=8", "backbone.num_features=32", "hydra.run.dir=outputs/ddp"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    # 20 images, 30 % held out: 14 in train, 7 a rank, one batch of 4 each
+    assert "rank 0 of 2: 4 of 14 images per epoch (1 batches of 4)" in out, out[-3000:]
+    assert "rank 1 of 2: 4 of 14 images per epoch (1 batches of 4)" in out, out[-3000:]
+    assert (tmp_path / "outputs" / "ddp" / "checkpoints" / "final.pt").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])[0]
+    assert run.data.tags["sslpipe.world_size"] == "2" and run.data.tags["sslpipe.loader"] == "stream"

@@ -282,6 +282,11 @@ class StreamLoader:
                              f"training images per rank; lower the batch size")
         self.workers = worker_count(self.settings.workers)
         self._loader = None
+        if self.crops is not None:
+            log.info("stream loader, rank %d of %d: %d of %d images per epoch (%d batches of %d), %d workers, "
+                     "decode on %s", self.rank, self.world_size, len(self) * self.batch_size if self.drop_last
+                     else len(self.split) // self.world_size, len(self.split), len(self), self.batch_size,
+                     self.workers, self.decode_device or "the workers")
 
     def loader(self) -> torch.utils.data.DataLoader:
         if self._loader is None:  # built on first use: workers start once, then persist across epochs
