@@ -104,7 +104,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     print()
     table(["images", "run", "loader", "time to first step (s)", "wall clock, 2 steps (s)",
-           "peak RSS, main process (GB)", "peak RSS, workers (GB, count)"], rows)
+           "peak RSS, main process (GB)", "peak RSS, child processes (GB, count)"], rows)
     if args.listing:
         print()
         listing(args.workdir / f"imagenet_{max(args.sizes)}" / "train")
