@@ -170,22 +170,33 @@ RUN = ["stage=pretrain", "dataset=imagefolder", "dataset.image_size=16", "datase
        "backbone.width=8", "backbone.num_features=32"]
 
 
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "sslpipe", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def streamed_reference(tmp_path_factory):
+    """A JPEG folder and an uninterrupted streamed run of RUN on it: (folder, run folder)."""
+    root = tmp_path_factory.mktemp("streamed")
+    write_jpegs(root / "data", {"a": 20, "b": 20, "c": 20})
+    reference = root / "outputs" / "reference"
+    done = _cli([*RUN, f"dataset.root={root / 'data'}", f"hydra.run.dir={reference}"], root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "data", reference
+
+
 @pytest.mark.slow
-def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGUSR2, signal.SIGKILL], ids=["sigusr2", "sigkill"])
+def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, stop, streamed_reference):
+    """SIGUSR2 (SLURM's warning): checkpoint at the next step and exit. SIGKILL: lose the steps
+    since the last periodic checkpoint (every 7 steps: mid-epoch, 5 batches an epoch)."""
     from test_resume import assert_same_weights
 
     from sslpipe import checkpoint as ckpt
 
-    write_jpegs(tmp_path / "data", {"a": 20, "b": 20, "c": 20})
-    run = [*RUN, f"dataset.root={tmp_path / 'data'}"]
-
-    def cli(args, **kw):
-        return subprocess.run([sys.executable, "-m", "sslpipe", *args], cwd=tmp_path, env=ENV, capture_output=True,
-                              text=True, timeout=300, **kw)
-
-    reference = tmp_path / "outputs" / "reference"
-    done = cli([*run, f"hydra.run.dir={reference}"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    data, reference = streamed_reference
+    run = [*RUN, f"dataset.root={data}"]
 
     job = tmp_path / "outputs" / "job"
     proc = subprocess.Popen([sys.executable, "-m", "sslpipe", *run, f"hydra.run.dir={job}"], cwd=tmp_path, env=ENV,
@@ -195,14 +206,14 @@ def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weight
     deadline = time.time() + 120
     while not (job / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR2)  # checkpoint at the next step, then exit
+    proc.send_signal(stop)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    assert proc.returncode == (128 + stop if stop == signal.SIGUSR2 else -stop), out[-3000:]
     loop = ckpt.load(job / "checkpoints" / "last.pt")["loop"]
     batches_per_epoch = 42 // 8  # 60 images, 30 % held out
     assert loop["step"] < 40 and loop["batch"] % batches_per_epoch, f"stopped at an epoch boundary: {loop}"
 
-    done = cli([*run, f"hydra.run.dir={job}"])
+    done = _cli([*run, f"hydra.run.dir={job}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(reference, job)  # same samples, same crops, same order: bitwise on CPU
 
