@@ -335,3 +335,20 @@ def test_streamed_pretrain_under_two_gloo_ranks_reads_half_each(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])[0]
     assert run.data.tags["sslpipe.world_size"] == "2" and run.data.tags["sslpipe.loader"] == "stream"
+
+
+def test_worker_ops_leave_the_calling_process_rng_alone(tmp_path):
+    """With dataset.workers=0 the view ops run in the training process: its RNG streams (which
+    MAE / iBOT masks and the on-device ops draw from) must not be reseeded by them."""
+    from sslpipe.data.views import AugmentSpec
+
+    write_jpegs(tmp_path, {"a": 3, "b": 3})
+    split = load(tmp_path, test_ratio=0.34, val_ratio=0).train
+    loader = StreamLoader(split, split.settings, 2, crops=[CropSpec(2, 16, (0.3, 1.0), augment=AugmentSpec())], seed=1)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    list(loader)  # workers=0: in this process
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])

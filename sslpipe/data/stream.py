@@ -162,11 +162,15 @@ class TrainCrops:
         crops = [image.resize((size, size), Image.BILINEAR, box=tuple(box)) for size, box in zip(self.sizes, boxes.tolist())]
         if any(op is not None for op in self.ops):
             # torchvision's and lightly's PIL ops draw from the global RNGs: seed them from this
-            # sample's generator, so the views stay a function of (seed, epoch, index)
+            # sample's generator, so the views stay a function of (seed, epoch, index), and put
+            # the RNGs back afterwards (with dataset.workers=0 they are the training process's)
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2 ** 32)
-            crops = [crop if op is None else op(crop) for op, crop in zip(self.ops, crops)]
+            numpy_state = np.random.get_state()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2 ** 32)
+                crops = [crop if op is None else op(crop) for op, crop in zip(self.ops, crops)]
+            np.random.set_state(numpy_state)
         return tuple(_to_tensor(crop) for crop in crops)
 
 
