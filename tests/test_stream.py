@@ -166,7 +166,7 @@ def test_truncated_image_is_named_by_path_or_skipped_on_request(tmp_path):
 
 # ------------------------------------------------------------------ a streamed run killed mid-epoch
 RUN = ["stage=pretrain", "dataset=imagefolder", "dataset.image_size=16", "dataset.loader=stream", "dataset.workers=2",
-       "stage.epochs=20", "stage.max_steps=40", "stage.batch_size=8", "stage.checkpoint_every=7", "stage.log_every=1",
+       "stage.epochs=20", "stage.max_steps=40", "stage.batch_size=4", "stage.checkpoint_every=7", "stage.log_every=1",
        "backbone.width=8", "backbone.num_features=32"]
 
 
@@ -190,7 +190,7 @@ def streamed_reference(tmp_path_factory):
 @pytest.mark.parametrize("stop", [signal.SIGUSR2, signal.SIGKILL], ids=["sigusr2", "sigkill"])
 def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, stop, streamed_reference):
     """SIGUSR2 (SLURM's warning): checkpoint at the next step and exit. SIGKILL: lose the steps
-    since the last periodic checkpoint (every 7 steps: mid-epoch, 5 batches an epoch)."""
+    since the last periodic checkpoint (every 7 steps: always mid-epoch, 10 batches an epoch)."""
     from test_resume import assert_same_weights
 
     from sslpipe import checkpoint as ckpt
@@ -205,12 +205,12 @@ def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weight
 
     deadline = time.time() + 120
     while not (job / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.005)
     proc.send_signal(stop)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == (128 + stop if stop == signal.SIGUSR2 else -stop), out[-3000:]
     loop = ckpt.load(job / "checkpoints" / "last.pt")["loop"]
-    batches_per_epoch = 42 // 8  # 60 images, 30 % held out
+    batches_per_epoch = 42 // 4  # 60 images, 30 % held out
     assert loop["step"] < 40 and loop["batch"] % batches_per_epoch, f"stopped at an epoch boundary: {loop}"
 
     done = _cli([*run, f"hydra.run.dir={job}"], tmp_path)
