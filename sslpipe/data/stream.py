@@ -200,7 +200,6 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: FileSplit, transform, seed: int, skip_bad: bool = False):
         self.split, self.transform, self.seed, self.skip_bad = split, transform, seed, skip_bad
-        self.mode = "L" if split.channels == 1 else "RGB"
 
     def __len__(self) -> int:
         return len(self.split)
