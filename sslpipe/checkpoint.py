@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,25 +36,6 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 def load(path: str | Path) -> dict:
     """Load a checkpoint with `weights_only=True`: no pickled code runs."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # numpy's key array as a tensor, so that the checkpoint loads with weights_only=True
-    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Prefixes that other tools put in front of backbone keys (DDP, Lightning, MoCo).

@@ -108,6 +108,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def _collective_device():
+    """Where small collective tensors live: the current GPU under NCCL, the CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
     import torch
@@ -115,10 +123,22 @@ def any_rank(flag: bool) -> bool:
 
     if not is_initialized():
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(flag)], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over all ranks (e.g. train/loss: every rank's share of the global
+    batch counts, not only rank 0's); one process returns it unchanged."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def all_gather_cat(tensor):
@@ -160,19 +180,47 @@ def extract_features_sharded(extract, split):
     return out
 
 
-def wrap(model, device):
-    """DDP around `model` when distributed (SyncBatchNorm on GPUs first: BN statistics over
-    the global batch, as in SimCLR/BYOL); the model itself otherwise. The caller keeps the
-    unwrapped model for checkpoints, so their keys do not depend on the world size."""
+def wrap(model, device, sync_bn: bool = True):
+    """DDP around `model` when distributed; the model itself otherwise. On GPUs with `sync_bn`
+    its BatchNorm layers become SyncBatchNorm first (statistics over the global batch, as in
+    SimCLR/BYOL/MoCo v3); MoCo v1/v2 say `sync_bn=False` (per-GPU BN with Shuffle-BN, MoCo
+    sec. 3.3). On the CPU (gloo) BatchNorm stays per rank: torch's SyncBatchNorm runs on
+    accelerators only. The caller keeps the unwrapped model for checkpoints, so their keys
+    do not depend on the world size."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
     if not is_initialized():
         return model
     if device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from sslpipe.batchnorm import has_split_bn
+
+        if sync_bn and not has_split_bn(model):  # split BN asks for per-group statistics: keep them
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index])
-    return DistributedDataParallel(model)  # gloo: BatchNorm statistics stay per rank
+    return DistributedDataParallel(model)
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's `obj` (picklable), in rank order; one process: [obj]."""
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def weights_digest(named_parameters) -> str:
+    """sha1 of (name, values) of every parameter, in name order: equal digests, equal weights."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name, value in sorted(named_parameters, key=lambda kv: kv[0]):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def training_step_module(method):

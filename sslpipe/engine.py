@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sslpipe import checkpoint as ckpt
-from sslpipe import distributed
+from sslpipe import distributed, seeding
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Loop:
                  optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
                  checkpoint_path: Path, log_metrics: Callable[[dict, int], None] = lambda m, s: None,
                  after_step: Callable[[float], None] = lambda p: None,
-                 should_stop: Callable[[], bool] = lambda: False, progress=None):
+                 should_stop: Callable[[], bool] = lambda: False, progress=None, seed: int = 0):
         if settings.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
         self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
@@ -105,6 +105,8 @@ class Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.total, min(warmup, self.total // 2), settings.min_lr_ratio))
         self.state = LoopState()
+        self.seed, self.resumed = seed, False
+        self.rank_digests: list[str] = []  # each rank's weights_digest at the end of run()
         self.amp = settings.amp and device.type == "cuda"
         # On CUDA the loss is read back only when it is logged or a checkpoint is written, so
         # the host never waits for the device mid-step; the losses since the last check are
@@ -125,11 +127,12 @@ class Loop:
 
     def save(self) -> None:
         self.check_finite()  # never overwrite a good checkpoint with weights a NaN step has touched
+        streams = seeding.gather_rng_states()  # every rank's random stream (a collective: all ranks call it)
         if not distributed.is_main():  # one writer; every rank resumes from the same file
             return
         ckpt.atomic_save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+            "scheduler": self.scheduler.state_dict(), "rng": {"ranks": streams},
             "loop": {"step": self.state.step, "epoch": self.state.epoch, "batch": self.state.batch},
             "extra": self.state.extra,
         }, self.path)
@@ -142,14 +145,18 @@ class Loop:
         self.model.load_state_dict(saved["model"], strict=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        ckpt.set_rng_state(saved["rng"])
         self.state = LoopState(**saved["loop"], extra=saved.get("extra", {}))
+        seeding.restore_rank_stream(saved["rng"], self.seed, distributed.rank(), distributed.world_size(),
+                                    self.state.step)
+        self.resumed = True
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.path, self.state.step, self.state.epoch, self.state.batch)
         return True
 
     # ---------------------------------------------------------------- training
     def run(self) -> LoopState:
         s, state = self.settings, self.state
+        if not self.resumed:  # each rank's own augmentation / dropout stream (sslpipe.seeding)
+            seeding.seed_rank_stream(self.seed, distributed.rank())
         self.model.train()
         loss_sum, loss_n, images, wait, t_last = 0.0, 0, 0, 0.0, time.perf_counter()
         accum = 0
@@ -190,7 +197,7 @@ class Loop:
                         self.check_finite()
                         elapsed = time.perf_counter() - t_last
                         self.log_metrics({
-                            "train/loss": float(loss_sum) / loss_n,
+                            "train/loss": distributed.mean_over_ranks(float(loss_sum) / loss_n),
                             "train/lr": self.optimizer.param_groups[0]["lr"],
                             "train/images_per_s": images / max(elapsed, 1e-9),
                             "train/data_wait": wait / max(elapsed, 1e-9),
@@ -213,4 +220,15 @@ class Loop:
                 log.info("epoch %d/%d done, step %d/%d", state.epoch, s.epochs, state.step, self.total)
                 continue
             break
+        # DDP keeps the ranks' weights equal by construction; this checks it (one tiny gather)
+        self.rank_digests = distributed.gather_objects(distributed.weights_digest(self.model.named_parameters()))
+        if len(set(self.rank_digests)) > 1:
+            log.warning("the ranks ended with different weights: %s", self.rank_digests)
         return state
+
+    def agreement_tags(self) -> dict[str, str]:
+        """MLflow tags: the world size the loop trained with and whether every rank ended with
+        the same weights (`equal <sha1>`, or `DIFFER` and each rank's digest)."""
+        digests = self.rank_digests
+        verdict = f"equal {digests[0]}" if len(set(digests)) == 1 else "DIFFER " + " ".join(digests)
+        return {"sslpipe.rank_weights": verdict, "sslpipe.train_world_size": str(len(digests))}

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_dir() -> Path:
@@ -28,18 +18,25 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, folder: Path | None = None) -> dict:
+    """Run `cfg` (its stage) in `folder`, by default Hydra's output folder for the job."""
     from sslpipe.validate import validate
 
     validate(cfg)  # before anything is built or written
 
+    from sslpipe import distributed
     from sslpipe.engine import resolve_device
+    from sslpipe.seeding import seed_process
     from sslpipe.stages import Context, dispatch
     from sslpipe.tracking import Tracker
 
-    seed_everything(cfg.seed)
+    # Processes: one, or the DDP ranks torchrun / SLURM started, joined here once for every
+    # stage; all ranks use rank 0's run folder (one checkpoint, one set of artefacts).
+    device = distributed.setup(resolve_device(cfg.device))
+    folder = distributed.broadcast_object(folder or run_dir())
+    seed_process(cfg.seed)  # alike on every rank: models are built equal (sslpipe.seeding)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    ctx = Context(cfg=cfg, run_dir=run_dir(), device=resolve_device(cfg.device), tracker=tracker)
+    ctx = Context(cfg=cfg, run_dir=folder, device=device, tracker=tracker)
     started = time.monotonic()
     result = dispatch(ctx)
     if cfg.stage.name != "pipeline":  # the pipeline writes its chain's table itself

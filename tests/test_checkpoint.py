@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sslpipe import checkpoint as ckpt
+from sslpipe import seeding
 
 
 def _trained_model_and_optimizer():
@@ -27,7 +28,7 @@ def _trained_model_and_optimizer():
 def test_model_optimizer_and_rng_round_trip(tmp_path):
     model, opt = _trained_model_and_optimizer()
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
-    path = ckpt.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": ckpt.rng_state(),
+    path = ckpt.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": seeding.rng_state(),
                              "step": 3}, tmp_path / "last.pt")
     expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
 
@@ -44,7 +45,7 @@ def test_model_optimizer_and_rng_round_trip(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
     torch.manual_seed(123), np.random.seed(123), random.seed(123)  # move every stream elsewhere
-    ckpt.set_rng_state(saved["rng"])
+    seeding.set_rng_state(saved["rng"])
     assert torch.equal(torch.rand(4), expected[0])
     assert np.array_equal(np.random.rand(4), expected[1])
     assert [random.random() for _ in range(4)] == expected[2]

@@ -103,15 +103,26 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return out
 
 
-def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                batch_size: int | None = None) -> torch.Tensor:
     """This rank's sample order for one epoch: a permutation seeded by (seed, epoch), so a
-    resumed run sees the same order, cut to a multiple of world_size, every world_size-th
-    sample from `rank` (DistributedSampler's scheme). Shared by the memory and stream loaders."""
+    resumed run sees the same order, cut to a multiple of world_size. With `batch_size` (the
+    per-rank batch) each global batch of world_size x batch_size consecutive samples is dealt
+    in contiguous blocks, rank r taking the r-th: the global batches, and which samples share
+    a rank's BatchNorm statistics, are the same as one process's batch of that size split in
+    world_size groups (split BN), whatever the number of ranks. The tail (fewer than a global
+    batch) is shared out evenly the same way. Without it: every world_size-th sample from
+    `rank` (DistributedSampler's scheme, for evaluation). Shared by the memory and stream loaders."""
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     else:
         order = torch.arange(n)
-    return order[: (n // world_size) * world_size][rank::world_size]
+    order = order[: (n // world_size) * world_size]
+    if batch_size is None or world_size == 1:
+        return order[rank::world_size]
+    full = (len(order) // (world_size * batch_size)) * world_size * batch_size
+    head = order[:full].view(-1, world_size, batch_size)[:, rank].reshape(-1)
+    return torch.cat([head, order[full:].view(world_size, -1)[rank]])
 
 
 class EpochLoader:
@@ -141,7 +152,8 @@ class EpochLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        order = epoch_order(len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size)
+        order = epoch_order(len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
+                            self.batch_size)
         for b in range(self.start, len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.split.images[index], self.split.labels[index]

@@ -239,7 +239,8 @@ class OrderSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start
 
     def __iter__(self):
-        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world_size).tolist()
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
+                            self.batch_size).tolist()
         for b in range(self.start, self.batches_per_epoch()):
             yield [(i, self.epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
 
