@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslpipe.batchnorm import convert_split_bn
 from sslpipe.checkpoint import load_pretrained
+from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data.loaders import eval_loader, is_streamed, ops_in_workers, training_loader
 from sslpipe.data.stream import CropSpec
@@ -93,13 +95,14 @@ def run(ctx: Context) -> StageResult:
     # ------------------------------------------------------------ model
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, "finetune", cfg.tracking.uri)
-    model = Classifier(backbone, cfg.dataset.num_classes).to(ctx.device)
+    model = convert_split_bn(Classifier(backbone, cfg.dataset.num_classes), st.split_bn).to(ctx.device)
     optimizer = build(st.optimizer)(param_groups(model, st.backbone_lr, st.head_lr, st.layer_decay))
+    trained = distributed.wrap(model, ctx.device)  # DDP when distributed: one model, gradients averaged
 
     def step(images: torch.Tensor | tuple, labels: torch.Tensor, progress: float) -> torch.Tensor:
         images = images[0] if isinstance(images, tuple) else images  # the stream loader's one crop
         x = augment(images) if st.augment else norm(images)
-        return F.cross_entropy(model(x), labels)
+        return F.cross_entropy(trained(x), labels)
 
     # ------------------------------------------------------------ fit
     settings = LoopSettings(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
@@ -107,7 +110,7 @@ def run(ctx: Context) -> StageResult:
                             checkpoint_every=st.checkpoint_every, log_every=st.log_every)
     progress = Progress("finetune", mode=None if rank() == 0 else "off")
     loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
-                progress=progress)
+                progress=progress, seed=cfg.seed)
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
@@ -117,6 +120,7 @@ def run(ctx: Context) -> StageResult:
         loop.log_metrics = run.log_metrics
         with progress:  # ends the terminal line even when training fails
             loop.run()
+        run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ evaluate
         predictions = {name: (split.labels, predict(model, split, norm, ctx.device))
                        for name, split in (("val", splits.val), ("test", splits.test)) if split is not None}

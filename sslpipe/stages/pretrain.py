@@ -9,6 +9,7 @@ from hydra.utils import get_class
 
 from sslpipe import checkpoint as ckpt
 from sslpipe import distributed
+from sslpipe.batchnorm import convert_split_bn
 from sslpipe.config import build
 from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader
 from sslpipe.data.samplers import ClassBalancedLoader
@@ -81,9 +82,6 @@ def _loader(cfg, method_cls, train, views: MultiView, device: torch.device):
 
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
-    # ------------------------------------------------------------ processes (one, or DDP ranks from torchrun / SLURM)
-    ctx.device = distributed.setup(ctx.device)
-    ctx.run_dir = distributed.broadcast_object(ctx.run_dir)  # rank 0's folder: one checkpoint for all ranks
     # ------------------------------------------------------------ what the method needs (fail before any work)
     method_cls = get_class(cfg.method._target_)
     backbone = build_backbone(ctx)
@@ -92,7 +90,7 @@ def run(ctx: Context) -> StageResult:
     splits = build_splits(ctx, labelled=getattr(method_cls, "needs_labels", False))  # supervised: labelled train only
     train = splits.train if is_streamed(splits.train) else device_pool(splits.train, ctx.device)
     # ------------------------------------------------------------ model and views
-    method = build(cfg.method, backbone=backbone)
+    method = convert_split_bn(build(cfg.method, backbone=backbone), st.split_bn)
     # streamed: the loader's workers cut the crops from the original images; the other view ops
     # run batched on the GPU, or, training on the CPU, per image in the workers too
     views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
@@ -105,7 +103,8 @@ def run(ctx: Context) -> StageResult:
     method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # sslpipe.speed
     optimizer = build_optimizer(build(st.optimizer), [p for p in method.parameters() if p.requires_grad], ctx.device)
 
-    train_step = distributed.wrap(distributed.training_step_module(method), ctx.device)  # DDP when distributed
+    train_step = distributed.wrap(distributed.training_step_module(method), ctx.device,  # DDP when distributed
+                                  sync_bn=getattr(method_cls, "sync_bn", True))
 
     def step(images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         return train_step(views(images), labels, progress)
@@ -115,7 +114,7 @@ def run(ctx: Context) -> StageResult:
     progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
     loop = Loop(method, step, optimizer, loader, _loop_settings(st), ctx.device,
                 ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step, should_stop=stop.requested,
-                progress=progress)
+                progress=progress, seed=cfg.seed)
     loop.resume()
     try:
         return _fit(ctx, method, loop)
@@ -139,6 +138,7 @@ def _fit(ctx: Context, method, loop: Loop) -> StageResult:
 
         loop.log_metrics = log_metrics
         loop.run()
+        run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ save and log
         final = ctx.run_dir / "checkpoints" / "final.pt"
         if distributed.is_main():

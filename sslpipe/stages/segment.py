@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslpipe.batchnorm import convert_split_bn
 from sslpipe.checkpoint import load_pretrained
+from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data import EpochLoader, Split
 from sslpipe.distributed import rank, world_size
@@ -132,13 +134,14 @@ def run(ctx: Context) -> StageResult:
     with torch.no_grad():
         probe = torch.zeros(1, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
         channels = spatial_features(backbone.eval(), probe).shape[1]
-    model = Segmenter(backbone, channels, st.hidden).to(ctx.device)
+    model = convert_split_bn(Segmenter(backbone, channels, st.hidden), st.split_bn).to(ctx.device)
     if st.freeze_backbone:
         model.backbone.requires_grad_(False)
     groups = [{"params": list(model.head.parameters()), "lr": st.head_lr}]
     if not st.freeze_backbone:
         groups.insert(0, {"params": list(model.backbone.parameters()), "lr": st.backbone_lr})
     optimizer = build(st.optimizer)(groups)
+    trained = distributed.wrap(model, ctx.device)  # DDP when distributed: one model, gradients averaged
 
     def step(images: torch.Tensor, index: torch.Tensor, progress: float) -> torch.Tensor:
         x, y = norm(images), masks[index].float()
@@ -147,13 +150,13 @@ def run(ctx: Context) -> StageResult:
             x, y = torch.where(flip[:, None, None, None], x.flip(-1), x), torch.where(flip[:, None, None], y.flip(-1), y)
         if st.freeze_backbone:
             model.backbone.eval()  # frozen means its BatchNorm statistics too
-        return seg_loss(st.loss, model(x), y)
+        return seg_loss(st.loss, trained(x), y)
 
     # ------------------------------------------------------------ fit
     settings = LoopSettings(epochs=st.epochs, max_steps=st.max_steps, warmup_epochs=st.warmup_epochs,
                             min_lr_ratio=st.min_lr_ratio, amp=st.amp, checkpoint_every=st.checkpoint_every,
                             log_every=st.log_every)
-    loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt")
+    loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt", seed=cfg.seed)
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
@@ -162,6 +165,7 @@ def run(ctx: Context) -> StageResult:
                                           freeze_backbone=st.freeze_backbone), "pretrained.source": source})
         loop.log_metrics = run.log_metrics
         loop.run()
+        run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ evaluate and log
         metrics: dict[str, float] = {}
         for name in ("val", "test"):
