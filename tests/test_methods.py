@@ -175,22 +175,65 @@ def test_queue_enqueue_dequeue():
 
 
 def test_moco_queue_larger_than_the_data_is_fitted():
-    """K = 65536 (the yaml default, seed 001) on the 1257 digits training images: stage=pretrain
-    calls fit_data, the queue shrinks to N - B keys, and training steps run."""
+    """K = 65536 (the yaml default) on the 1257 digits training images: stage=pretrain calls
+    fit_data, the queue shrinks to a multiple of the global batch at most N / 10, and steps run."""
     from sslpipe.methods.queue import fitted_queue_size
 
-    assert fitted_queue_size(65536, 1257, 256) == 1001
-    assert fitted_queue_size(4096, 1_281_167, 256) == 4096
-    assert fitted_queue_size(65536, 100, 256) == 256
+    assert fitted_queue_size(65536, 1257, 8) == 120            # N / 10 = 125 -> 15 batches of 8
+    assert fitted_queue_size(65536, 1_281_167, 256) == 65536    # ImageNet takes the paper's K
+    assert fitted_queue_size(4096, 50_000, 512) == 4096         # the authors' CIFAR demo
+    assert fitted_queue_size(1000, 1_281_167, 256) == 768       # a multiple of the batch
+    assert fitted_queue_size(65536, 100, 256) == 256            # never less than one batch
     method, cfg = build_method("mocov2")
     assert cfg.method.memory_bank_size == 65536 and method.criterion.memory_bank.size[0] == 65536
-    method.fit_data(1257, 256)
-    assert method.criterion.memory_bank.size == (1001, cfg.method.proj_output_dim)
+    method.fit_data(1257, 8)
+    assert method.criterion.memory_bank.size == (120, cfg.method.proj_output_dim)
     views = [torch.randn(8, 1, 16, 16) for _ in range(2)]
     for _ in range(3):
         loss = method.training_step(views, torch.zeros(8, dtype=torch.long), 0.0)
         assert torch.isfinite(loss)
     assert int(method.criterion.memory_bank.bank_ptr) == 24
+
+
+def _stale_own_keys(num_images: int, queue_size: int, batch: int, epochs: int = 3) -> tuple[float, int]:
+    """Run the real queue (lightly's memory bank inside MoCo's criterion) over `epochs` epochs of
+    the real data order, enqueuing each key as its image's index: (share of queries after the
+    first epoch whose own image has a key among its negatives, number of first-epoch queries
+    whose own (current) key is among them)."""
+    from sslpipe.data import epoch_order
+    from sslpipe.methods.queue import queue_criterion
+
+    bank = queue_criterion(0.2, queue_size, 1).memory_bank
+    bank.bank.fill_(-1.0)  # its random unit start (here +-1) is no image's key
+    stale = current = total = 0
+    for epoch in range(epochs):
+        order = epoch_order(num_images, True, 0, epoch, batch_size=batch)
+        for b in range(num_images // batch):
+            ids = order[b * batch:(b + 1) * batch].float()[:, None]
+            _, negatives = bank(ids, update=True)        # the negatives this batch's queries meet
+            queued = set(negatives.flatten().tolist())
+            own = sum(int(i) in queued for i in ids.flatten().tolist())
+            if epoch:
+                stale, total = stale + own, total + batch
+            else:  # within the first epoch an image has no earlier key: only its current one could be there
+                current += own
+    return stale / total, current
+
+
+def test_moco_queue_rule_keeps_own_keys_out_of_the_negatives():
+    """The queue rule on a data set it accepts (K = N / 10): no query meets its current key among
+    its negatives, and a stale key of its own image (previous epoch) at most at the rate the
+    rule states, K^2 / (2 N^2) = 0.5 %; the old rule K = N - B put it before about half."""
+    from sslpipe.methods.queue import fitted_queue_size
+
+    n, batch = 2000, 20
+    k = fitted_queue_size(65536, n, batch)
+    assert k == 200
+    share, current = _stale_own_keys(n, k, batch)
+    assert current == 0
+    assert share <= 1.5 * k ** 2 / (2 * n ** 2)
+    old_share, _ = _stale_own_keys(n, n - batch, batch)
+    assert old_share > 0.4
 
 
 # ---------------------------------------------------------------------------- masking

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lightly.loss import DINOLoss, IBOTPatchLoss
 from lightly.models.modules import MaskedVisionTransformerTIMM
@@ -11,6 +13,21 @@ from torch import nn
 from sslpipe.methods.dino import dino_heads, freeze_last_layer, teacher_temperature
 from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
 from sslpipe.methods.vit import patch_size, require_vit
+from sslpipe.seeding import GlobalDraws
+
+
+@torch.no_grad()
+def global_token_mean(x: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
+    """The mean of `x` over `dim` and over every rank's tokens, each token weighing alike.
+    Replaces lightly's `center_mean` for the patch centre: that one averages the ranks' own
+    means, which weighs a rank's masked patches by how few it drew and so depends on the
+    number of ranks."""
+    total = x.sum(dim=dim, keepdim=True)
+    count = torch.tensor([float(math.prod(x.shape[d] for d in dim))], device=x.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    return total / count
 
 
 class IBOT(nn.Module):
@@ -25,6 +42,10 @@ class IBOT(nn.Module):
     patch head (masked tokens, output_dim). Seed 003's recipe: ViT-S/4 on 32 px CIFAR-10,
     100 epochs (conf/experiment/ibot_vits4_cifar10.yaml). Separate class and patch heads
     (iBOT's default for the student); teacher T 0.04 -> 0.07, momentum 0.996 -> 1 (paper).
+
+    Under DDP the patch head's BatchNorm (`batch_norm: true`) normalises each rank's masked
+    patch tokens, whose number varies per rank: N ranks and one process differ there (and
+    only there; tests/test_equivalence.py compares them with `batch_norm=false`).
     """
 
     global_views, local_views, needs_labels, needs_vit = 2, 0, False, True
@@ -52,23 +73,32 @@ class IBOT(nn.Module):
                                  center_momentum=center_momentum)
         self.patch_loss = IBOTPatchLoss(output_dim=output_dim, student_temp=student_temperature,
                                         center_momentum=center_momentum)
+        self.patch_loss.center._center_fn = global_token_mean  # lightly's hook for the centre statistic
         self.patch_loss_weight = patch_loss_weight
         self.mask_ratios = (batch_mask_ratio, min_image_mask_ratio, max_image_mask_ratio)
         self.temperatures = (warmup_teacher_temperature, teacher_temperature, warmup_teacher_fraction)
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
+        self.draws = GlobalDraws()  # masks drawn over the global batch (sslpipe.seeding)
+        self.masked_anywhere = False  # whether this step's global batch drew any masked patch
 
-    def block_mask(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> bool (B, H/p, W/p), True where a patch is masked."""
+    def block_mask(self, view: torch.Tensor) -> torch.Tensor:
+        """One view (B, C, H, W) -> bool (B, H/p, W/p), True where a patch is masked: this rank's
+        rows of block masks drawn for the view's whole global batch."""
         p = patch_size(self.backbone)
-        grid = (-(-images.shape[-2] // p), -(-images.shape[-1] // p))
+        grid = (-(-view.shape[-2] // p), -(-view.shape[-1] // p))
         batch, low, high = self.mask_ratios
-        return random_block_mask((len(images), *grid), batch_mask_ratio=batch, min_image_mask_ratio=low,
-                                 max_image_mask_ratio=high, min_num_masks_per_block=1, device=images.device)
+        total, mine = self.draws.rows(len(view))
+        with self.draws.python_random():  # lightly draws from the `random` module
+            mask = random_block_mask((total, *grid), batch_mask_ratio=batch, min_image_mask_ratio=low,
+                                     max_image_mask_ratio=high, min_num_masks_per_block=1)
+        self.masked_anywhere = self.masked_anywhere or bool(mask.any())
+        return mask[mine].to(view.device)
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
         self.progress = progress
         images = torch.cat(views[: self.global_views])
-        mask = self.block_mask(images)
+        self.masked_anywhere = False
+        mask = torch.cat([self.block_mask(v) for v in views[: self.global_views]])
         patches = mask.flatten(1)  # (2B, N)
         prefix = torch.zeros(len(images), self.backbone.num_prefix_tokens, dtype=torch.bool, device=images.device)
         t_temp = teacher_temperature(progress, *self.temperatures)
@@ -78,13 +108,18 @@ class IBOT(nn.Module):
         s_tokens = self.student.encode(images, mask=torch.cat([prefix, patches], dim=1))
         s_cls = self.projector(s_tokens[:, 0])
         loss = self.cls_loss(list(t_cls.chunk(2)), list(s_cls.chunk(2)), teacher_temp=t_temp)
-        if patches.any():  # a batch may draw no masks at all; the patch loss's centre needs some
-            n = self.backbone.num_prefix_tokens
-            with torch.no_grad():
-                t_patch = self.teacher_patch_head(t_tokens[:, n:][patches])
-            s_patch = self.patch_head(s_tokens[:, n:][patches])
-            loss = loss + self.patch_loss_weight * self.patch_loss(t_patch, s_patch, mask=mask, teacher_temp=t_temp)
-        return loss
+        if not self.masked_anywhere:  # the whole global batch drew no mask: no patch loss on any rank, but
+            # every trainable parameter takes part in the step (DDP reduces them all)
+            return loss + 0.0 * sum(p.sum() for p in self.patch_head.parameters() if p.requires_grad)
+        if not patches.any():  # the patch centre is all-reduced: every rank must bring masked patches
+            raise RuntimeError(f"iBOT: this rank's {len(images)} images drew no masked patch while other ranks' did; "
+                               f"raise stage.batch_size or method.batch_mask_ratio (a rank's share of the "
+                               f"masked images is drawn at random)")
+        n = self.backbone.num_prefix_tokens
+        with torch.no_grad():
+            t_patch = self.teacher_patch_head(t_tokens[:, n:][patches])
+        s_patch = self.patch_head(s_tokens[:, n:][patches])
+        return loss + self.patch_loss_weight * self.patch_loss(t_patch, s_patch, mask=mask, teacher_temp=t_temp)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

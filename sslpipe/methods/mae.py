@@ -9,6 +9,19 @@ from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVis
 from torch import nn
 
 from sslpipe.methods.vit import patch_size, require_vit
+from sslpipe.seeding import GlobalDraws
+
+
+def token_mask(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx_keep, idx_mask) over 1 + N tokens from uniform noise (B, 1 + N): the lowest-noise
+    (1 - ratio) N patch tokens are kept, the class token always (MAE's per-sample shuffle;
+    lightly's `random_token_mask` with the noise passed in, so that it comes from the stream
+    shared by all ranks instead of each rank's own)."""
+    num_keep = int((noise.shape[1] - 1) * (1 - mask_ratio)) + 1
+    noise = noise.clone()
+    noise[:, 0] = -1
+    order = torch.argsort(noise, dim=1)
+    return order[:, :num_keep], order[:, num_keep:]
 
 
 class MAE(nn.Module):
@@ -33,6 +46,10 @@ class MAE(nn.Module):
         require_vit(backbone, "mae")
         self.backbone = backbone
         self.encoder = MaskedVisionTransformerTIMM(vit=backbone)
+        # The wrapper's mask token is for methods that feed masked tokens to the encoder (iBOT);
+        # MAE's encoder sees the visible tokens only, and DDP refuses a trainable parameter
+        # that gets no gradient.
+        self.encoder.mask_token.requires_grad_(False)
         self.patch = patch_size(backbone)
         self.in_chans = backbone.patch_embed.proj.in_channels
         num_patches = backbone.patch_embed.num_patches
@@ -45,11 +62,11 @@ class MAE(nn.Module):
         self.projector = nn.ModuleDict({"embed": self.decoder_embed, "decoder": self.decoder,
                                         "head": self.prediction_head})
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.draws = GlobalDraws()  # masks drawn over the global batch (sslpipe.seeding)
 
     def token_mask(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx_keep, idx_mask) over the 1 + N tokens; the class token is always kept."""
-        return utils.random_token_mask((batch_size, self.encoder.sequence_length), mask_ratio=self.mask_ratio,
-                                       device=device)
+        return token_mask(self.draws.rand(batch_size, self.encoder.sequence_length, device=device), self.mask_ratio)
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
         images = views[0]

@@ -8,16 +8,19 @@ import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
 from torch import nn
 
+from sslpipe.distributed import all_gather_cat, rank
 from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
 
 
 def moco_v3_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    """2T * CE(q k^T / T, diagonal): each query against the B keys of the other view (paper,
-    Algorithm 1). Written here because lightly's NTXentLoss uses SimCLR's 2B - 2 negatives,
-    same-view ones included. query, key (B, D) -> scalar."""
-    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    """2T * CE(q k^T / T, own key): each query against the keys of the other view of the whole
+    global batch, gathered from every rank (paper, Algorithm 1, `concat_all_gather`), so the
+    negatives do not depend on the number of ranks. Written here because lightly's
+    NTXentLoss uses SimCLR's 2B - 2 negatives, same-view ones included. query, key (B, D) -> scalar."""
+    q, k = F.normalize(query, dim=1), all_gather_cat(F.normalize(key, dim=1))
     logits = q @ k.t() / temperature
-    return 2 * temperature * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    own = torch.arange(len(q), device=q.device) + rank() * len(q)  # this rank's block of the global batch
+    return 2 * temperature * F.cross_entropy(logits, own)
 
 
 class MoCoV3(nn.Module):
