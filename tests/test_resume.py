@@ -236,3 +236,65 @@ def test_an_unavailable_store_never_stops_training_and_spills_what_it_could_not_
     spilled.write_text(spilled.read_text().replace("abc123", real.id))
     assert tracking.replay(spilled, tracker.uri) == 5
     assert _steps(tracker.client, real.id) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- every method, killed and resumed
+METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
+STEPS = ["stage=pretrain", "device=cpu", "stage.epochs=3", "stage.max_steps=8", "stage.batch_size=32",
+         "stage.checkpoint_every=4", "stage.log_every=1", "tracking.log_checkpoints=false"]
+
+
+def _method_jobs() -> list[dict]:
+    """Each method with its yaml's augmentation, masks and queue (nothing made deterministic):
+    8 steps over 3 short epochs, so the kill at step 4 lands mid-epoch (digits: 1257 / 32)."""
+    jobs = []
+    for method in METHODS:
+        backbone = ["backbone=vit_tiny", "+backbone.depth=2"] if method in ("mae", "ibot") else \
+                   ["backbone.width=8", "backbone.num_features=32"]
+        extra = ["method.samples_per_class=4"] if method == "simo2" else []
+        jobs.append({"name": method, "overrides": [f"method={method}", *backbone, *STEPS, *extra]})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """One uninterrupted run per method, and per method a run SIGKILLed right after its step-4
+    checkpoint and then resumed in the same folder (tests/run_many.py)."""
+    import json
+
+    root = tmp_path_factory.mktemp("methods")
+    runner = str(Path(__file__).resolve().parent / "run_many.py")
+    for name, kill in (("reference", False), ("job", True)):
+        (root / name).mkdir()
+        (root / name / "jobs.json").write_text(json.dumps(_method_jobs()))
+        args = [sys.executable, runner, *(["--kill-after-checkpoint", "4"] if kill else []), str(root / name),
+                str(root / name / "jobs.json")]
+        done = subprocess.run(args, cwd=root / name, env=ENV, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        if kill:
+            reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"job"')]
+            assert [r["job"] for r in reports if r["killed"]] == METHODS, done.stdout[-3000:]
+            for method in METHODS:
+                assert ckpt.load(root / name / method / "checkpoints" / "last.pt")["loop"]["step"] == 4
+                assert not (root / name / method / "checkpoints" / "final.pt").exists()
+            resumed = subprocess.run(args[:2] + args[4:], cwd=root / name, env=ENV, capture_output=True, text=True,
+                                     timeout=1200)
+            assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_resumes_bitwise_after_sigkill(killed_and_resumed, method):
+    reference = killed_and_resumed / "reference" / method
+    resumed = killed_and_resumed / "job" / method
+    assert ckpt.load(resumed / "checkpoints" / "last.pt")["loop"]["step"] == 8
+    assert_same_weights(reference, resumed)
+    # the method's own state too: MoCo's queue, DINO / iBOT centres, the mask streams
+    a, b = (ckpt.load(p / "checkpoints" / "last.pt")["model"] for p in (reference, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert str(a[key]) == str(b[key]), key

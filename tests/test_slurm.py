@@ -178,6 +178,42 @@ def test_two_task_job_trains_with_ddp(tmp_path):
     assert sorted(p.name for p in (tmp_path / "multirun" / "0" / "checkpoints").iterdir()) == ["final.pt", "last.pt"]
 
 
+# ---------------------------------------------------------------- 2b. a whole pipeline as one 2-task job
+PIPELINE = ["stage=pipeline", "dataset=shapes", "stage.stages=[finetune,segment]", "stage.baseline=[]",
+            "backbone.width=8", "backbone.num_features=32", "stage.pretrain.max_steps=20", "stage.pretrain.batch_size=32",
+            "stage.finetune.epochs=2", "stage.finetune.batch_size=32", "stage.segment.epochs=2",
+            "stage.segment.batch_size=32", "device=cpu"]
+
+
+def _stage_runs(cwd: Path) -> dict[str, object]:
+    client, runs = _runs(cwd)
+    return {r.data.tags["sslpipe.stage"]: r for r in runs}
+
+
+def test_pipeline_runs_as_one_two_task_job_with_synchronised_ranks(tmp_path):
+    """stage=pipeline as one SLURM job of 2 tasks: pretrain, fine-tune and segment each train
+    with DDP over both ranks (tagged world size 2), both ranks end with the same weights, and
+    the fine-tune accuracy is that of a 1-task run within the spread two seeds give there."""
+    (tmp_path / "two").mkdir()
+    sweep(tmp_path / "two", *PIPELINE, "hydra.launcher.tasks_per_node=2", timeout=900)
+    two = _stage_runs(tmp_path / "two")
+    jobs = submitit_jobs(tmp_path / "two" / "multirun")
+    assert len(jobs) == 1 and settled_states(jobs[0]) == ["COMPLETED"]
+    for stage in ("pretrain", "finetune", "segment"):
+        tags = two[stage].data.tags
+        assert tags["sslpipe.world_size"] == "2" and tags["sslpipe.train_world_size"] == "2", (stage, tags)
+        assert tags["sslpipe.rank_weights"].startswith("equal "), (stage, tags["sslpipe.rank_weights"])
+    one = []
+    for seed in (0, 1):
+        cwd = tmp_path / f"one-{seed}"
+        cwd.mkdir()
+        sh([sys.executable, "-m", "sslpipe", *PIPELINE, f"seed={seed}", "hydra.run.dir=outputs/run"], cwd, timeout=900)
+        one.append(_stage_runs(cwd)["finetune"].data.metrics["test/top1"])
+    noise = abs(one[0] - one[1])
+    got = two["finetune"].data.metrics["test/top1"]
+    assert abs(got - one[0]) <= max(2 * noise, 0.05), (got, one)
+
+
 # ---------------------------------------------------------------- 3. signals, requeue, resume
 def _requeued_run_matches_reference(cwd: Path, run_dir: Path, reference: Path, job: str) -> None:
     assert "REQUEUED" in settled_states(job), sacct_states(job)
