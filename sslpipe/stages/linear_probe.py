@@ -1,4 +1,6 @@
-"""stage=linear_probe: a linear classifier on frozen features, extracted once and cached."""
+"""stage=linear_probe: a linear classifier on frozen features, extracted once and cached.
+Not wrapped in DDP: every rank gets the whole split's features (gathered) and fits the same
+head from the same seed, so the ranks already agree and there is nothing to average."""
 
 from __future__ import annotations
 

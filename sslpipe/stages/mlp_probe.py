@@ -1,5 +1,7 @@
 """stage=mlp_probe: a non-linear probe, an MLP with hidden sizes [512, 256] (seed 003's
-"non-linear probing"), on frozen features extracted once and cached."""
+"non-linear probing"), on frozen features extracted once and cached.
+Not wrapped in DDP: every rank gets the whole split's features (gathered) and fits the same
+head from the same seed, so the ranks already agree and there is nothing to average."""
 
 from __future__ import annotations
 
