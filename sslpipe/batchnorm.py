@@ -54,12 +54,15 @@ def convert_split_bn(module: nn.Module, splits: int) -> nn.Module:
     if splits == 1:
         return module
     if isinstance(module, _BatchNorm) and not isinstance(module, SplitBatchNorm):
+        state = module.state_dict()
         out = SplitBatchNorm(module.num_features, splits, eps=module.eps, momentum=module.momentum,
-                             affine=module.affine, track_running_stats=module.track_running_stats)
-        out.load_state_dict(module.state_dict())
+                             affine=module.affine, track_running_stats=module.track_running_stats,
+                             device=next(iter(state.values())).device if state else None)
+        out.load_state_dict(state)
         out.train(module.training)
-        out.requires_grad_(any(p.requires_grad for p in module.parameters()) or not module.affine)
-        return out.to(next(iter(module.state_dict().values())).device) if module.state_dict() else out
+        for new, old in zip(out.parameters(), module.parameters()):  # a frozen (teacher) BN stays frozen
+            new.requires_grad_(old.requires_grad)
+        return out
     for name, child in module.named_children():
         setattr(module, name, convert_split_bn(child, splits))
     return module

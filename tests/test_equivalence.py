@@ -91,15 +91,6 @@ def launches(tmp_path_factory):
     return root / "one", root / "two"
 
 
-def _run(out: Path, name: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id],
-                              filter_string=f"tags.mlflow.runName = '{name}'")
-    return client, runs
-
-
 def _losses(out: Path, job: str, stage: str) -> list[float]:
     from mlflow.tracking import MlflowClient
 

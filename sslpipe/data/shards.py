@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from PIL import Image
 
 from sslpipe.data import Splits
 from sslpipe.data.files import FileSplit, PathTable, ReadSettings
-from sslpipe.data.stream import BadImageError, CropSpec, EvalCrop, TrainCrops, sample_generator, worker_count
+from sslpipe.data.stream import BadImageError, EvalCrop, LoaderOptions, TrainCrops, sample_generator, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
 
 @dataclass
-class ShardLoader:
+class ShardLoader(LoaderOptions):  # split: a ShardSplit
     """The `EpochLoader` / `StreamLoader` interface over a `ShardSplit`: `batch_size`, `len()`
     (batches per epoch per rank), `set_epoch(epoch, start)`, iteration yielding (views, labels):
     views a tuple of uint8 (B, C, s, s) tensors for training crops in `crops` order, one uint8
@@ -266,16 +266,6 @@ class ShardLoader:
     `index_labels=True` yields each sample's position in the split instead of its label (tests).
     """
 
-    split: ShardSplit = field(repr=False)
-    settings: ReadSettings
-    batch_size: int
-    crops: list[CropSpec] | None = None  # None: the eval view
-    shuffle: bool = True
-    drop_last: bool = True
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    pin_memory: bool = False
     workers: int | None = None          # None: worker_count(settings.workers)
     shuffle_buffer: int | None = None   # None: settings.shuffle_buffer (1000 if the settings have none)
     index_labels: bool = False

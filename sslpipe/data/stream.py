@@ -246,13 +246,11 @@ class OrderSampler(torch.utils.data.Sampler):
 
 
 @dataclass
-class StreamLoader:
-    """The `EpochLoader` interface (`batch_size`, `len`, `set_epoch(epoch, start)`, iteration)
-    over a `FileSplit` through a DataLoader: persistent workers, pinned memory on CUDA, each
-    worker `prefetch` batches ahead. Yields (views, labels): views a tuple of uint8 (B, C, s, s)
-    tensors for training crops, one uint8 (B, C, s, s) tensor for the eval view."""
+class LoaderOptions:
+    """What a loader over files (StreamLoader) or shards (sslpipe.data.shards.ShardLoader) is
+    told: the split and how to read it, the batch, the crops, the order and this rank's share."""
 
-    split: FileSplit
+    split: FileSplit = field(repr=False)
     settings: ReadSettings
     batch_size: int
     crops: list[CropSpec] | None = None  # None: the eval view
@@ -262,6 +260,15 @@ class StreamLoader:
     rank: int = 0
     world_size: int = 1
     pin_memory: bool = False
+
+
+@dataclass
+class StreamLoader(LoaderOptions):
+    """The `EpochLoader` interface (`batch_size`, `len`, `set_epoch(epoch, start)`, iteration)
+    over a `FileSplit` through a DataLoader: persistent workers, pinned memory on CUDA, each
+    worker `prefetch` batches ahead. Yields (views, labels): views a tuple of uint8 (B, C, s, s)
+    tensors for training crops, one uint8 (B, C, s, s) tensor for the eval view."""
+
     workers: int = field(init=False)
 
     def __post_init__(self):

@@ -79,11 +79,11 @@ class IBOT(nn.Module):
         self.temperatures = (warmup_teacher_temperature, teacher_temperature, warmup_teacher_fraction)
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
         self.draws = GlobalDraws()  # masks drawn over the global batch (sslpipe.seeding)
-        self.masked_anywhere = False  # whether this step's global batch drew any masked patch
 
-    def block_mask(self, view: torch.Tensor) -> torch.Tensor:
-        """One view (B, C, H, W) -> bool (B, H/p, W/p), True where a patch is masked: this rank's
-        rows of block masks drawn for the view's whole global batch."""
+    def block_mask(self, view: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One view (B, C, H, W) -> (bool (B, H/p, W/p), True where a patch is masked: this rank's
+        rows of block masks drawn for the view's whole global batch; whether any image of that
+        global batch drew a mask, which every rank knows alike)."""
         p = patch_size(self.backbone)
         grid = (-(-view.shape[-2] // p), -(-view.shape[-1] // p))
         batch, low, high = self.mask_ratios
@@ -91,14 +91,13 @@ class IBOT(nn.Module):
         with self.draws.python_random():  # lightly draws from the `random` module
             mask = random_block_mask((total, *grid), batch_mask_ratio=batch, min_image_mask_ratio=low,
                                      max_image_mask_ratio=high, min_num_masks_per_block=1)
-        self.masked_anywhere = self.masked_anywhere or bool(mask.any())
-        return mask[mine].to(view.device)
+        return mask[mine].to(view.device), bool(mask.any())
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
         self.progress = progress
         images = torch.cat(views[: self.global_views])
-        self.masked_anywhere = False
-        mask = torch.cat([self.block_mask(v) for v in views[: self.global_views]])
+        masks, drawn = zip(*(self.block_mask(v) for v in views[: self.global_views]))
+        mask = torch.cat(masks)
         patches = mask.flatten(1)  # (2B, N)
         prefix = torch.zeros(len(images), self.backbone.num_prefix_tokens, dtype=torch.bool, device=images.device)
         t_temp = teacher_temperature(progress, *self.temperatures)
@@ -108,7 +107,7 @@ class IBOT(nn.Module):
         s_tokens = self.student.encode(images, mask=torch.cat([prefix, patches], dim=1))
         s_cls = self.projector(s_tokens[:, 0])
         loss = self.cls_loss(list(t_cls.chunk(2)), list(s_cls.chunk(2)), teacher_temp=t_temp)
-        if not self.masked_anywhere:  # the whole global batch drew no mask: no patch loss on any rank, but
+        if not any(drawn):  # the whole global batch drew no mask: no patch loss on any rank, but
             # every trainable parameter takes part in the step (DDP reduces them all)
             return loss + 0.0 * sum(p.sum() for p in self.patch_head.parameters() if p.requires_grad)
         if not patches.any():  # the patch centre is all-reduced: every rank must bring masked patches
