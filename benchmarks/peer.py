@@ -156,7 +156,8 @@ def sslpipe_overrides(method: str, size: int, batch_size: int, steps: int, devic
     common = [f"device={device}", "stage=pretrain", "dataset=npy", f"dataset.root={root}", f"dataset.image_size={size}",
               "backbone=resnet18", "backbone.cifar_stem=false",  # torchvision resnet18's stem, as the example
               f"stage.batch_size={batch_size}", f"stage.max_steps={steps}", "stage.epochs=1000", "stage.log_every=1",
-              "stage.warmup_epochs=0", "stage.optimizer.weight_decay=0"]
+              "stage.warmup_epochs=0", "stage.optimizer.weight_decay=0",
+              "stage.lr_scaling=none"]  # the peer's rate as given at this batch, not per 256 images
     if method == "simclr":  # SimCLRTransform's defaults; NTXentLoss() temperature 0.5; SGD lr 0.06
         return common + ["method=simclr", "method.proj_hidden_dim=512", "method.proj_output_dim=128",
                          "method.temperature=0.5", "stage.optimizer._target_=torch.optim.SGD", "stage.optimizer.lr=0.06",

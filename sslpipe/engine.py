@@ -43,6 +43,14 @@ class LoopSettings:
     log_every: int = 10
 
 
+    @classmethod
+    def of_stage(cls, st) -> "LoopSettings":
+        """The loop keys of a stage's config (pretrain, finetune, segment)."""
+        return cls(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
+                   warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
+                   checkpoint_every=st.checkpoint_every, log_every=st.log_every)
+
+
 @dataclass
 class LoopState:
     step: int = 0          # optimizer steps done
@@ -76,6 +84,45 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
         t = (i - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     return factor
+
+
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class LrScale:
+    """How a base learning rate, given per 256 images, becomes the rate of one optimizer step
+    over `global_batch` images (every rank's batch x grad_accum): `linear` multiplies by
+    global_batch / 256 (Goyal et al. 2017, "Accurate, Large Minibatch SGD", and the rule of
+    every method here: SimCLR's LARS 0.3 x B/256, MoCo 0.03 x B/256, BYOL 0.2 x B/256, SimSiam
+    0.05 x B/256, DINO/iBOT 5e-4 x B/256, MoCo v3 and MAE blr x B/256, fine-tuning and linear
+    probing included); `sqrt` by its square root (Krizhevsky 2014; SimCLR appendix B.1 for
+    small batches: 0.075 x sqrt(B) = 1.2 x sqrt(B/256)); `none` uses the base rate as given."""
+
+    rule: str
+    global_batch: int
+
+    def __post_init__(self):
+        if self.rule not in LR_SCALING:
+            raise ValueError(f"lr_scaling='{self.rule}' is not one of: {', '.join(LR_SCALING)}")
+
+    @classmethod
+    def of_run(cls, rule: str, per_rank_batch: int, grad_accum: int = 1) -> "LrScale":
+        """The scale for this process group: world size x per-rank batch x grad_accum images."""
+        return cls(rule, distributed.world_size() * per_rank_batch * grad_accum)
+
+    @property
+    def factor(self) -> float:
+        ratio = self.global_batch / 256
+        return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.rule]
+
+    def __call__(self, base_lr: float) -> float:
+        return base_lr * self.factor
+
+    def params(self, **base_rates: float) -> dict[str, str]:
+        """MLflow params: the global batch, the rule, and each effective rate (`train.<name>`)."""
+        return {"train.global_batch": str(self.global_batch), "train.lr_scaling": self.rule,
+                **{f"train.{name}": f"{self(base):.6g}" for name, base in base_rates.items()}}
 
 
 def total_steps(settings: LoopSettings, batches_per_epoch: int) -> int:

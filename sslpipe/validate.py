@@ -49,6 +49,8 @@ RULES: list[Rule] = [
     ("stage*.checkpoint_every", "an integer >= 1", lambda v: _int(v) and v >= 1),
     ("stage*.log_every", "an integer >= 1", lambda v: _int(v) and v >= 1),
     ("stage*.lr", "a learning rate > 0", lambda v: _num(v) and v > 0),
+    ("stage*.lr_scaling", "one of linear, sqrt, none", lambda v: v in ("linear", "sqrt", "none")),
+    ("stage*.encoder", "null (the method's), student or teacher", lambda v: v in (None, "student", "teacher")),
     ("stage*.backbone_lr", "a learning rate >= 0 (0 freezes nothing; use linear_probe to freeze)", lambda v: _num(v) and v >= 0),
     ("stage*.head_lr", "a learning rate > 0", lambda v: _num(v) and v > 0),
     ("stage*.weight_decay", "a number >= 0", lambda v: _num(v) and v >= 0),

@@ -31,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 VIT_METHODS = {"mae", "ibot"}
 BATCH = 16  # per rank in the 2-rank run; the 1-rank run takes 32
-# Methods whose docstring states why N ranks and one process must differ.
-DIFFER = {"pretrain-simo2"}  # per-rank class-balanced batches and a loss over pairs within each
+# Methods whose docstring states why N ranks and one process must differ: SIMO2 (per-rank
+# class-balanced batches and a loss over pairs within each), iBOT with head BatchNorm (it
+# normalises each rank's masked patch tokens, a varying number per rank).
+DIFFER = {"pretrain-simo2", "pretrain-ibot-head-bn"}
 
 # SGD, not the yamls' AdamW: Adam's first steps move every weight by about +-lr whatever its
 # gradient's size, so a 1e-9 float-order difference in a gradient that should be 0 (a bias
@@ -40,6 +42,10 @@ DIFFER = {"pretrain-simo2"}  # per-rank class-balanced batches and a loss over p
 COMMON = ["device=cpu", "stage.epochs=1", "stage.max_steps=3", "stage.log_every=1", "stage.checkpoint_every=3",
           "stage.warmup_epochs=0", "stage.amp=false", "tracking.log_checkpoints=false",
           "stage.optimizer._target_=torch.optim.SGD", "+stage.optimizer.momentum=0.9"]
+# Base rates per 256 images; both runs take a global batch of 32, so each step's rate is 1/8 of
+# these (engine.LrScale: 2 ranks x 16 counts as 32; a run that forgot the ranks would step at half).
+PRETRAIN_LR = ["stage.optimizer.lr=0.016"]
+HEAD_LRS = ["stage.backbone_lr=0.008", "stage.head_lr=0.08"]
 IDENTITY_VIEWS = ["dataset.augment.crop_scale=[1.0,1.0]", "dataset.augment.crop_ratio=[1.0,1.0]",
                   "dataset.augment.rotation=0.0", "dataset.augment.jitter_prob=0.0"]
 PER_METHOD = {"dino": ["method.local_views=0"], "autoencoder": ["method.noise_std=0.0"],
@@ -59,10 +65,14 @@ def _jobs(world_size: int) -> list[dict]:
                    ["backbone.width=8", "backbone.num_features=32"]
         moco = method in ("mocov1", "mocov2")
         jobs.append({"name": f"pretrain-{method}", "overrides": [
-            "stage=pretrain", f"method={method}", *backbone, *COMMON, *IDENTITY_VIEWS, f"stage.batch_size={batch}",
-            *([] if moco else split), *PER_METHOD.get(method, [])]})
-    small = ["backbone.width=8", "backbone.num_features=32", "pretrained=random", *COMMON, f"stage.batch_size={batch}",
-             *split]
+            "stage=pretrain", f"method={method}", *backbone, *COMMON, *PRETRAIN_LR, *IDENTITY_VIEWS,
+            f"stage.batch_size={batch}", *([] if moco else split), *PER_METHOD.get(method, [])]})
+    ibot = next(job for job in jobs if job["name"] == "pretrain-ibot")
+    # one process normalises all masked tokens together: no equal split of them exists
+    jobs.append({"name": "pretrain-ibot-head-bn",
+                 "overrides": [*(o for o in ibot["overrides"] if o != "stage.split_bn=2"), "method.batch_norm=true"]})
+    small = ["backbone.width=8", "backbone.num_features=32", "pretrained=random", *COMMON, *HEAD_LRS,
+             f"stage.batch_size={batch}", *split]
     jobs.append({"name": "finetune", "overrides": ["stage=finetune", "stage.augment=false", *small]})
     jobs.append({"name": "segment", "overrides": ["stage=segment", "dataset=shapes", "stage.hflip=0.0", *small]})
     return jobs
@@ -103,7 +113,7 @@ def _losses(out: Path, job: str, stage: str) -> list[float]:
         if folder and run.data.tags.get("sslpipe.checkpoint") != folder:
             continue
         history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
-        return [m.value for m in history], run.data.tags
+        return [m.value for m in history], run.data.tags, run.data.params
     raise AssertionError(f"no {stage} run for {job} in {out}")
 
 
@@ -114,13 +124,17 @@ def _parameters(out: Path, job: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", [f"pretrain-{m}" for m in METHODS] + ["finetune", "segment"])
+@pytest.mark.parametrize("job", [f"pretrain-{m}" for m in METHODS] + ["pretrain-ibot-head-bn", "finetune", "segment"])
 def test_two_ranks_train_as_one(launches, job):
     one, two = launches
     stage = job.split("-")[0]
-    loss_one, tags_one = _losses(one, job, stage)
-    loss_two, tags_two = _losses(two, job, stage)
+    loss_one, tags_one, params_one = _losses(one, job, stage)
+    loss_two, tags_two, params_two = _losses(two, job, stage)
     assert len(loss_one) == len(loss_two) == 3
+    # the global batch counts every rank, and the learning rate follows it (engine.LrScale)
+    assert params_one["train.global_batch"] == params_two["train.global_batch"] == str(2 * BATCH)
+    rates = [k for k in params_one if k.startswith("train.") and k.endswith("lr")]
+    assert rates and all(params_one[k] == params_two[k] for k in rates), (params_one, params_two)
     if job in DIFFER:  # the method's docstring says why: assert the difference it states
         assert abs(loss_one[0] - loss_two[0]) > 1e-3, (loss_one, loss_two)
         assert tags_two["sslpipe.rank_weights"].startswith("equal ")

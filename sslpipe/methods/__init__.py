@@ -7,6 +7,8 @@ A method is any module with this shape (a Protocol, not a base class):
   needs_labels: bool                  True for supervised baselines (SupCon, SIMO2)
   training_step(views, labels, progress) -> scalar loss   progress in [0, 1]
   after_step(progress)                EMA / momentum updates after the optimizer step
+Optional: teacher_backbone / teacher_projector (MoCo: key_*), the EMA copy, and
+  evaluated_encoder = "teacher" when the paper evaluates that copy (DINO, iBOT; ema.saved_encoder)
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class DINO(nn.Module):
     """
 
     global_views, needs_labels = 2, False
+    evaluated_encoder = "teacher"  # the paper evaluates and releases the teacher (ema.saved_encoder)
     objective = "dino_self_distillation"
 
     def __init__(self, backbone: nn.Module, local_views: int = 2, proj_hidden_dim: int = 2048,

@@ -49,6 +49,7 @@ class IBOT(nn.Module):
     """
 
     global_views, local_views, needs_labels, needs_vit = 2, 0, False, True
+    evaluated_encoder = "teacher"  # as DINO: the paper evaluates the teacher (ema.saved_encoder)
     objective = "ibot_masked_self_distillation"
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -92,6 +93,11 @@ class IBOT(nn.Module):
             mask = random_block_mask((total, *grid), batch_mask_ratio=batch, min_image_mask_ratio=low,
                                      max_image_mask_ratio=high, min_num_masks_per_block=1)
         return mask[mine].to(view.device), bool(mask.any())
+
+    @property
+    def teacher_backbone(self) -> nn.Module:
+        """The teacher's plain ViT (what a run saves and evaluates by default)."""
+        return self.teacher.vit
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
         self.progress = progress

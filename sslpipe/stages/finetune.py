@@ -16,7 +16,7 @@ from sslpipe.data.loaders import eval_loader, is_streamed, ops_in_workers, train
 from sslpipe.data.stream import CropSpec
 from sslpipe.data.views import Augment, AugmentSpec
 from sslpipe.distributed import rank, world_size
-from sslpipe.engine import Loop, LoopSettings
+from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.progress import Progress
 from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, log_classification, normalizer,
                             print_table, protocol_params, stage_run)
@@ -96,7 +96,8 @@ def run(ctx: Context) -> StageResult:
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, "finetune", cfg.tracking.uri)
     model = convert_split_bn(Classifier(backbone, cfg.dataset.num_classes), st.split_bn).to(ctx.device)
-    optimizer = build(st.optimizer)(param_groups(model, st.backbone_lr, st.head_lr, st.layer_decay))
+    lr_scale = LrScale.of_run(st.lr_scaling, st.batch_size, st.grad_accum)  # rates are per 256 images
+    optimizer = build(st.optimizer)(param_groups(model, lr_scale(st.backbone_lr), lr_scale(st.head_lr), st.layer_decay))
     trained = distributed.wrap(model, ctx.device)  # DDP when distributed: one model, gradients averaged
 
     def step(images: torch.Tensor | tuple, labels: torch.Tensor, progress: float) -> torch.Tensor:
@@ -105,9 +106,7 @@ def run(ctx: Context) -> StageResult:
         return F.cross_entropy(trained(x), labels)
 
     # ------------------------------------------------------------ fit
-    settings = LoopSettings(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
-                            warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
-                            checkpoint_every=st.checkpoint_every, log_every=st.log_every)
+    settings = LoopSettings.of_stage(st)
     progress = Progress("finetune", mode=None if rank() == 0 else "off")
     loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
                 progress=progress, seed=cfg.seed)
@@ -116,7 +115,7 @@ def run(ctx: Context) -> StageResult:
         loop.state.extra["run_id"] = run.id
         run.log_params({**protocol_params(ctx, epochs=st.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr,
                                         layer_decay=st.layer_decay),
-                        "pretrained.source": source})
+                        **lr_scale.params(backbone_lr=st.backbone_lr, head_lr=st.head_lr), "pretrained.source": source})
         loop.log_metrics = run.log_metrics
         with progress:  # ends the terminal line even when training fails
             loop.run()

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 
-from sslpipe.checkpoint import load_pretrained
-from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, extract_features, log_classification,
-                            normalizer, print_table, protocol_params, stage_run)
+from sslpipe.stages import Context, StageResult
+from sslpipe.stages.probe import Fitted, run_probe
 
 
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, num_classes: int,
@@ -24,18 +23,9 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, query
 
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
-    splits = build_splits(ctx, labelled=True)
-    backbone = build_backbone(ctx)
-    source = load_pretrained(backbone, cfg.pretrained, "knn", cfg.tracking.uri)
-    with stage_run(ctx) as run:
-        run.log_params({**protocol_params(ctx, k=st.k, temperature=st.temperature), "pretrained.source": source})
-        norm = normalizer(ctx)
-        feats = {name: extract_features(backbone, split, norm, ctx.device, st.batch_size)
-                 for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test)) if split is not None}
-        num_classes = cfg.dataset.num_classes
-        predictions = {name: (split.labels, knn_classify(feats["train"], splits.train.labels, feats[name], num_classes,
-                                                         st.k, st.temperature))
-                       for name, split in (("val", splits.val), ("test", splits.test)) if split is not None}
-        metrics = log_classification(run, ctx, predictions, splits.classes)
-    print_table(f"knn (k={st.k}, T={st.temperature}) from {cfg.pretrained}", f"test/top1 {metrics['test/top1']:.4f}")
-    return StageResult(metrics=metrics, run_id=run.id)
+
+    def fit(features: torch.Tensor, labels: torch.Tensor) -> Fitted:  # kNN keeps the train features
+        return Fitted(lambda query: knn_classify(features, labels, query, cfg.dataset.num_classes, st.k, st.temperature))
+
+    return run_probe(ctx, dict(k=st.k, temperature=st.temperature), fit, f"knn (k={st.k}, T={st.temperature})",
+                     feature_batch=st.batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -15,19 +16,14 @@ from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader
 from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
-from sslpipe.engine import Loop, LoopSettings, Preempted
+from sslpipe.engine import Loop, LoopSettings, LrScale, Preempted
+from sslpipe.methods.ema import saved_encoder
 from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
 from sslpipe.speed import build_optimizer, device_pool, prepare_model
 from sslpipe.stages import Context, StageResult, build_backbone, build_splits, print_table, stage_run
 
 log = logging.getLogger(__name__)
-
-
-def _loop_settings(st) -> LoopSettings:
-    return LoopSettings(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
-                        warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
-                        checkpoint_every=st.checkpoint_every, log_every=st.log_every)
 
 
 def vit_backbones() -> list[str]:
@@ -91,6 +87,7 @@ def run(ctx: Context) -> StageResult:
     train = splits.train if is_streamed(splits.train) else device_pool(splits.train, ctx.device)
     # ------------------------------------------------------------ model and views
     method = convert_split_bn(build(cfg.method, backbone=backbone), st.split_bn)
+    saved_encoder(method, st.encoder)  # a teacher asked of a method without one fails before training
     # streamed: the loader's workers cut the crops from the original images; the other view ops
     # run batched on the GPU, or, training on the CPU, per image in the workers too
     views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
@@ -101,7 +98,10 @@ def run(ctx: Context) -> StageResult:
         method.fit_data(len(splits.train), loader.batch_size)
     method = method.to(ctx.device)
     method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # sslpipe.speed
-    optimizer = build_optimizer(build(st.optimizer), [p for p in method.parameters() if p.requires_grad], ctx.device)
+    # stage.optimizer.lr is per 256 images; the step's rate follows the global batch (engine.LrScale)
+    lr_scale = LrScale.of_run(st.lr_scaling, loader.batch_size, st.grad_accum)
+    factory = functools.partial(build(st.optimizer), lr=lr_scale(st.optimizer.lr))
+    optimizer = build_optimizer(factory, [p for p in method.parameters() if p.requires_grad], ctx.device)
 
     train_step = distributed.wrap(distributed.training_step_module(method), ctx.device,  # DDP when distributed
                                   sync_bn=getattr(method_cls, "sync_bn", True))
@@ -112,12 +112,12 @@ def run(ctx: Context) -> StageResult:
     # ------------------------------------------------------------ fit (resuming when our checkpoint exists)
     stop = StopSignal().install()  # SIGUSR2 / SIGTERM: checkpoint at the next step, then requeue
     progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
-    loop = Loop(method, step, optimizer, loader, _loop_settings(st), ctx.device,
+    loop = Loop(method, step, optimizer, loader, LoopSettings.of_stage(st), ctx.device,
                 ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step, should_stop=stop.requested,
                 progress=progress, seed=cfg.seed)
     loop.resume()
     try:
-        return _fit(ctx, method, loop)
+        return _fit(ctx, method, loop, lr_scale)
     except Preempted as stopped:
         log.warning("%s", stopped)
         stop.hand_over()  # requeue (submitit / sbatch) and exit
@@ -126,10 +126,11 @@ def run(ctx: Context) -> StageResult:
         stop.restore()
 
 
-def _fit(ctx: Context, method, loop: Loop) -> StageResult:
+def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale) -> StageResult:
     cfg = ctx.cfg
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
+        run.log_params(lr_scale.params(lr=cfg.stage.optimizer.lr))
         history: list[tuple[int, float, float]] = []
 
         def log_metrics(metrics: dict, step_no: int) -> None:
@@ -141,9 +142,11 @@ def _fit(ctx: Context, method, loop: Loop) -> StageResult:
         run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ save and log
         final = ctx.run_dir / "checkpoints" / "final.pt"
+        which, encoder, head = saved_encoder(method, cfg.stage.encoder)  # DINO / iBOT: the teacher
         if distributed.is_main():
-            ckpt.atomic_save({"encoder": method.backbone.state_dict(), "projector": method.projector.state_dict()}, final)
-        run.set_tags({"sslpipe.checkpoint": str(final.resolve())})
+            ckpt.atomic_save({"encoder": encoder.state_dict(), "projector": head.state_dict(), "encoder_from": which},
+                             final)
+        run.set_tags({"sslpipe.checkpoint": str(final.resolve()), "sslpipe.encoder": which})
         if cfg.tracking.log_checkpoints:
             run.log_artifact(final, "checkpoints")
         if history:

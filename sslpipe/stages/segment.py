@@ -17,7 +17,7 @@ from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data import EpochLoader, Split
 from sslpipe.distributed import rank, world_size
-from sslpipe.engine import Loop, LoopSettings
+from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.stages import Context, StageResult, build_backbone, build_splits, normalizer, print_table, protocol_params, stage_run
 
 LOSSES = ("bce", "dice")
@@ -137,9 +137,10 @@ def run(ctx: Context) -> StageResult:
     model = convert_split_bn(Segmenter(backbone, channels, st.hidden), st.split_bn).to(ctx.device)
     if st.freeze_backbone:
         model.backbone.requires_grad_(False)
-    groups = [{"params": list(model.head.parameters()), "lr": st.head_lr}]
+    lr_scale = LrScale.of_run(st.lr_scaling, st.batch_size, st.grad_accum)  # rates are per 256 images
+    groups = [{"params": list(model.head.parameters()), "lr": lr_scale(st.head_lr)}]
     if not st.freeze_backbone:
-        groups.insert(0, {"params": list(model.backbone.parameters()), "lr": st.backbone_lr})
+        groups.insert(0, {"params": list(model.backbone.parameters()), "lr": lr_scale(st.backbone_lr)})
     optimizer = build(st.optimizer)(groups)
     trained = distributed.wrap(model, ctx.device)  # DDP when distributed: one model, gradients averaged
 
@@ -153,16 +154,15 @@ def run(ctx: Context) -> StageResult:
         return seg_loss(st.loss, trained(x), y)
 
     # ------------------------------------------------------------ fit
-    settings = LoopSettings(epochs=st.epochs, max_steps=st.max_steps, warmup_epochs=st.warmup_epochs,
-                            min_lr_ratio=st.min_lr_ratio, amp=st.amp, checkpoint_every=st.checkpoint_every,
-                            log_every=st.log_every)
+    settings = LoopSettings.of_stage(st)
     loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt", seed=cfg.seed)
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
         run.log_params({**protocol_params(ctx, epochs=st.epochs, max_steps=st.max_steps, loss=st.loss,
                                           backbone_lr=st.backbone_lr, head_lr=st.head_lr,
-                                          freeze_backbone=st.freeze_backbone), "pretrained.source": source})
+                                          freeze_backbone=st.freeze_backbone),
+                        **lr_scale.params(backbone_lr=st.backbone_lr, head_lr=st.head_lr), "pretrained.source": source})
         loop.log_metrics = run.log_metrics
         loop.run()
         run.set_tags(loop.agreement_tags())
