@@ -76,6 +76,7 @@ def run_probe(ctx: Context, params: dict, fit: Callable[[torch.Tensor, torch.Ten
         norm = normalizer(ctx)
         feats = {name: extract_features(backbone, split, norm, ctx.device, feature_batch)
                  for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test)) if split is not None}
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)  # where the probe writes its head
         fitted = fit(feats["train"], splits.train.labels)
         with torch.no_grad():
             predictions = {name: (split.labels, fitted.classify(feats[name]))
