@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sslpipe import checkpoint as ckpt
-from sslpipe import distributed, seeding
+from sslpipe import distributed, optim, seeding
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,24 @@ class LoopSettings:
     amp: bool = True
     checkpoint_every: int = 500
     log_every: int = 10
-
+    clip_grad: float | None = None         # per-parameter gradient norm cap (sslpipe.optim.clip_per_parameter)
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this (sslpipe.optim.schedule_weight_decay)
 
     @classmethod
-    def of_stage(cls, st) -> "LoopSettings":
-        """The loop keys of a stage's config (pretrain, finetune, segment)."""
+    def of_stage(cls, st, recipe=None) -> "LoopSettings":
+        """The loop keys of a stage's config (pretrain, finetune, segment). `clip_grad` and
+        `weight_decay_end` left null in the stage come from `recipe` (a method's `optim`
+        block: what its paper uses); clip_grad 0 turns clipping off."""
+        recipe = recipe or {}
+
+        def pick(key: str):
+            value = st.get(key)
+            return recipe.get(key) if value is None else value
+
         return cls(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
                    warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
-                   checkpoint_every=st.checkpoint_every, log_every=st.log_every)
+                   checkpoint_every=st.checkpoint_every, log_every=st.log_every,
+                   clip_grad=pick("clip_grad") or None, weight_decay_end=pick("weight_decay_end"))
 
 
 @dataclass
@@ -137,12 +147,14 @@ class Loop:
                  optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
                  checkpoint_path: Path, log_metrics: Callable[[dict, int], None] = lambda m, s: None,
                  after_step: Callable[[float], None] = lambda p: None,
+                 before_optimizer_step: Callable[[float], None] = lambda p: None,
                  should_stop: Callable[[], bool] = lambda: False, progress=None, seed: int = 0):
         if settings.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
         self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
         self.settings, self.device, self.path = settings, device, Path(checkpoint_path)
         self.log_metrics, self.after_step, self.should_stop = log_metrics, after_step, should_stop
+        self.before_optimizer_step = before_optimizer_step  # e.g. DINO's frozen last layer: grads set to None
         self.progress = progress  # e.g. sslpipe.progress.Progress: update(step, total, epoch, loss, images) per step
         self.total = total_steps(settings, len(loader))
         if self.total < 1:
@@ -231,7 +243,7 @@ class Loop:
                 loss_n += 1
                 images += len(labels)
                 if accum == s.grad_accum:
-                    self.optimizer.step()
+                    self._optimizer_step(state.step / self.total)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()
                     accum = 0
@@ -272,6 +284,18 @@ class Loop:
         if len(set(self.rank_digests)) > 1:
             log.warning("the ranks ended with different weights: %s", self.rank_digests)
         return state
+
+    def _optimizer_step(self, progress: float) -> None:
+        """Clip (per parameter), let the method drop gradients (a frozen layer: grad None, so
+        the optimizer leaves it bitwise unchanged, weight decay included), set this step's
+        weight decay, step. The order is DINO's train_one_epoch: clip, cancel, step."""
+        s = self.settings
+        if s.clip_grad:
+            optim.clip_per_parameter(self.model.parameters(), s.clip_grad)
+        self.before_optimizer_step(progress)
+        if s.weight_decay_end is not None:
+            optim.schedule_weight_decay(self.optimizer, progress, s.weight_decay_end)
+        self.optimizer.step()
 
     def agreement_tags(self) -> dict[str, str]:
         """MLflow tags: the world size the loop trained with and whether every rank ended with

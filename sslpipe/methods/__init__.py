@@ -7,6 +7,9 @@ A method is any module with this shape (a Protocol, not a base class):
   needs_labels: bool                  True for supervised baselines (SupCon, SIMO2)
   training_step(views, labels, progress) -> scalar loss   progress in [0, 1]
   after_step(progress)                EMA / momentum updates after the optimizer step
+Optional: before_optimizer_step(progress), called between backward and the optimizer step
+  (DINO / iBOT drop the frozen last layer's gradients); an `optim` block in the yaml gives
+  the paper's clip_grad / weight_decay_end, used where the stage leaves them null
 Optional: teacher_backbone / teacher_projector (MoCo: key_*), the EMA copy, and
   evaluated_encoder = "teacher" when the paper evaluates that copy (DINO, iBOT; ema.saved_encoder)
 """

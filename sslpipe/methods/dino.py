@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
@@ -29,13 +27,16 @@ def teacher_temperature(progress: float, warmup_start: float, end: float, warmup
     return warmup_start + (end - warmup_start) * progress / warmup_fraction
 
 
-def freeze_last_layer(head: DINOProjectionHead, frozen: Callable[[], bool]) -> None:
-    """Zero the gradients of the head's last layer while `frozen()` holds (DINO freezes it for
-    the first epoch: "we freeze the last layer during the first epoch", main_dino.py). Done by
-    gradient hooks because the training loop has no call between backward and optimizer step."""
-    for param in head.last_layer.parameters():
-        if param.requires_grad:
-            param.register_hook(lambda grad: torch.zeros_like(grad) if frozen() else grad)
+def cancel_last_layer(heads: list[DINOProjectionHead], progress: float, frozen_fraction: float) -> None:
+    """While progress < frozen_fraction, drop the gradients of each head's last layer (grad
+    None), so that the optimizer skips it, weight decay and momentum included: DINO freezes it
+    for the first epoch ("we freeze the last layer during the first epoch",
+    utils.cancel_gradients_last_layer in main_dino.py). Called by the loop between backward and
+    the optimizer step (engine.Loop's before_optimizer_step)."""
+    if progress < frozen_fraction:
+        for head in heads:
+            for param in head.last_layer.parameters():
+                param.grad = None
 
 
 class DINO(nn.Module):
@@ -68,8 +69,7 @@ class DINO(nn.Module):
         self.projector, self.teacher_projector = dino_heads(backbone.num_features, proj_hidden_dim, bottleneck_dim,
                                                             output_dim, batch_norm=batch_norm,
                                                             norm_last_layer=norm_last_layer)
-        self.progress = 0.0
-        freeze_last_layer(self.projector, lambda: self.progress < freeze_last_layer_fraction)
+        self.progress, self.freeze_last_layer_fraction = 0.0, freeze_last_layer_fraction
         self.teacher_backbone = frozen_copy(self.backbone)
         self.criterion = DINOLoss(output_dim=output_dim, teacher_temp=teacher_temperature,
                                   student_temp=student_temperature, center_momentum=center_momentum)
@@ -83,6 +83,9 @@ class DINO(nn.Module):
             teacher_out = [self.teacher_projector(self.teacher_backbone(v)) for v in global_views]
         student_out = [self.projector(self.backbone(v)) for v in views]
         return self.criterion(teacher_out, student_out, teacher_temp=teacher_temperature(progress, *self.temperatures))
+
+    def before_optimizer_step(self, progress: float) -> None:
+        cancel_last_layer([self.projector], progress, self.freeze_last_layer_fraction)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -10,7 +10,7 @@ from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.utils import random_block_mask
 from torch import nn
 
-from sslpipe.methods.dino import dino_heads, freeze_last_layer, teacher_temperature
+from sslpipe.methods.dino import cancel_last_layer, dino_heads, teacher_temperature
 from sslpipe.methods.ema import ema_update, frozen_copy, momentum_at
 from sslpipe.methods.vit import patch_size, require_vit
 from sslpipe.seeding import GlobalDraws
@@ -66,9 +66,7 @@ class IBOT(nn.Module):
         head = (backbone.num_features, proj_hidden_dim, bottleneck_dim, output_dim)
         self.projector, self.teacher_projector = dino_heads(*head, batch_norm=batch_norm)
         self.patch_head, self.teacher_patch_head = dino_heads(*head, batch_norm=batch_norm)
-        self.progress = 0.0
-        for student_head in (self.projector, self.patch_head):
-            freeze_last_layer(student_head, lambda: self.progress < freeze_last_layer_fraction)
+        self.progress, self.freeze_last_layer_fraction = 0.0, freeze_last_layer_fraction
         self.teacher = frozen_copy(self.student)
         self.cls_loss = DINOLoss(output_dim=output_dim, student_temp=student_temperature,
                                  center_momentum=center_momentum)
@@ -125,6 +123,9 @@ class IBOT(nn.Module):
             t_patch = self.teacher_patch_head(t_tokens[:, n:][patches])
         s_patch = self.patch_head(s_tokens[:, n:][patches])
         return loss + self.patch_loss_weight * self.patch_loss(t_patch, s_patch, mask=mask, teacher_temp=t_temp)
+
+    def before_optimizer_step(self, progress: float) -> None:
+        cancel_last_layer([self.projector, self.patch_head], progress, self.freeze_last_layer_fraction)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

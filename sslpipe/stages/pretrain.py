@@ -18,6 +18,7 @@ from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale, Preempted
 from sslpipe.methods.ema import saved_encoder
+from sslpipe.optim import weight_decay_groups
 from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
 from sslpipe.speed import build_optimizer, device_pool, prepare_model
@@ -101,7 +102,9 @@ def run(ctx: Context) -> StageResult:
     # stage.optimizer.lr is per 256 images; the step's rate follows the global batch (engine.LrScale)
     lr_scale = LrScale.of_run(st.lr_scaling, loader.batch_size, st.grad_accum)
     factory = functools.partial(build(st.optimizer), lr=lr_scale(st.optimizer.lr))
-    optimizer = build_optimizer(factory, [p for p in method.parameters() if p.requires_grad], ctx.device)
+    # no weight decay (nor LARS adaptation) on biases, norms, position embeddings, tokens (sslpipe.optim)
+    groups = weight_decay_groups(method, st.optimizer.get("weight_decay", 0.0), st.weight_decay_exclude)
+    optimizer = build_optimizer(factory, groups, ctx.device)
 
     train_step = distributed.wrap(distributed.training_step_module(method), ctx.device,  # DDP when distributed
                                   sync_bn=getattr(method_cls, "sync_bn", True))
@@ -112,8 +115,10 @@ def run(ctx: Context) -> StageResult:
     # ------------------------------------------------------------ fit (resuming when our checkpoint exists)
     stop = StopSignal().install()  # SIGUSR2 / SIGTERM: checkpoint at the next step, then requeue
     progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
-    loop = Loop(method, step, optimizer, loader, LoopSettings.of_stage(st), ctx.device,
-                ctx.run_dir / "checkpoints" / "last.pt", after_step=method.after_step, should_stop=stop.requested,
+    settings = LoopSettings.of_stage(st, recipe=cfg.method.get("optim"))  # clipping etc.: the method's paper
+    loop = Loop(method, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
+                after_step=method.after_step, before_optimizer_step=getattr(method, "before_optimizer_step", lambda p: None),
+                should_stop=stop.requested,
                 progress=progress, seed=cfg.seed)
     loop.resume()
     try:
