@@ -66,6 +66,7 @@ class Progress:
         self._rate = None       # images/s, smoothed on a terminal
         self._drawn = False     # a terminal line is showing
         self._closed = mode == "off"
+        self.note = ""          # appended to every line, e.g. the online kNN (sslpipe.monitor)
         self._last: tuple | None = None
         self._filters: list[tuple[logging.Handler, _ClearLine]] = []
         if mode == "tty":
@@ -101,7 +102,8 @@ class Progress:
         eta = (now - self._t0) / done * (total - step) if done > 0 and now > self._t0 else None
         text = (f"{self.name}: step {step}/{total} ({100 * step / max(total, 1):.0f}%) epoch {epoch:.2f} "
                 f"loss {float(loss):.4f} " + (f"{self._rate:.0f} img/s " if self._rate is not None else "")
-                + (f"ETA {_duration(eta)}" if eta is not None and step < total else f"elapsed {_duration(now - self._t0)}"))
+                + (f"ETA {_duration(eta)}" if eta is not None and step < total else f"elapsed {_duration(now - self._t0)}")
+                + (f" | {self.note}" if self.note else ""))
         if self.mode == "tty":
             self.stream.write("\r\x1b[2K" + text)
             self._drawn = True

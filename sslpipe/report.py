@@ -97,10 +97,22 @@ def load_runs(uri: str, experiment: str | None) -> list[RunRow]:
 
 
 # ------------------------------------------------------------------ aggregating
+def is_protocol(name: str) -> bool:
+    """A param that makes two numbers comparable or not: a probe's protocol (`protocol.*`, the
+    label fraction among them), the share of data, and the training budget (epochs, steps)."""
+    return (name.startswith("protocol.") or name in ("dataset.fraction", "dataset.data_ratio")
+            or (name.startswith("stage.") and name.endswith((".epochs", ".max_steps"))))
+
+
+def protocol_of(run: RunRow) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in run.params.items() if is_protocol(k)))
+
+
 @dataclass
 class Group:
     key: tuple[str, ...]
     runs: list[RunRow] = field(default_factory=list)
+    protocol: tuple[tuple[str, str], ...] = ()  # shared by every run of the group
 
     def seeds(self) -> list[str]:
         return sorted((r.params.get("seed", "?") for r in self.runs), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
@@ -115,14 +127,32 @@ class Group:
 
 
 def aggregate(runs: list[RunRow], group_by: list[str], metrics: list[str]) -> list[Group]:
-    """Groups of runs sharing the `group_by` values; runs that logged none of `metrics` are left out."""
+    """Groups of runs sharing the `group_by` values and their protocol (`is_protocol`): runs
+    with another label fraction, probe protocol or budget are never averaged as if they were
+    seeds, they make rows of their own. Runs that logged none of `metrics` are left out."""
     groups: dict[tuple, Group] = {}
     for run in runs:
         if not any(m in run.metrics for m in metrics):
             continue
-        key = tuple(value(run, k) or "" for k in group_by)
-        groups.setdefault(key, Group(key)).runs.append(run)
+        key, protocol = tuple(value(run, k) or "" for k in group_by), protocol_of(run)
+        groups.setdefault((key, protocol), Group(key, protocol=protocol)).runs.append(run)
     return [groups[k] for k in sorted(groups)]
+
+
+def protocol_column(groups: list[Group]) -> list[str] | None:
+    """Per group, the protocol settings that differ between rows of the same `group_by` key
+    (`protocol.label_fraction=0.1`); None when no key has two protocols."""
+    varying: set[str] = set()
+    by_key: dict[tuple, list[Group]] = {}
+    for g in groups:
+        by_key.setdefault(g.key, []).append(g)
+    for same in by_key.values():
+        if len(same) > 1:
+            names = {k for g in same for k, _ in g.protocol}
+            varying |= {k for k in names if len({dict(g.protocol).get(k) for g in same}) > 1}
+    if not varying:
+        return None
+    return [" ".join(f"{k}={dict(g.protocol).get(k, '-')}" for k in sorted(varying)) for g in groups]
 
 
 # ------------------------------------------------------------------ rendering
@@ -134,10 +164,12 @@ def _cell(stats: tuple[float, float, int] | None, digits: int) -> str:
 
 
 def markdown(groups: list[Group], group_by: list[str], metrics: list[str], digits: int) -> str:
-    head = [*group_by, "runs", "seeds", *metrics]
+    protocols = protocol_column(groups)
+    head = [*group_by, *(["protocol"] if protocols else []), "runs", "seeds", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for g in groups:
-        cells = [*g.key, str(len(g.runs)), ",".join(g.seeds()), *(_cell(g.stats(m), digits) for m in metrics)]
+    for i, g in enumerate(groups):
+        cells = [*g.key, *([protocols[i]] if protocols else []), str(len(g.runs)), ",".join(g.seeds()),
+                 *(_cell(g.stats(m), digits) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -145,13 +177,15 @@ def markdown(groups: list[Group], group_by: list[str], metrics: list[str], digit
 def to_csv(groups: list[Group], group_by: list[str], metrics: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*group_by, "runs", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n"))])
-    for g in groups:
+    protocols = protocol_column(groups)
+    writer.writerow([*group_by, *(["protocol"] if protocols else []), "runs", "seeds",
+                     *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n"))])
+    for i, g in enumerate(groups):
         numbers = []
         for m in metrics:
             stats = g.stats(m)
             numbers += ["", "", 0] if stats is None else [repr(stats[0]), repr(stats[1]), stats[2]]
-        writer.writerow([*g.key, len(g.runs), " ".join(g.seeds()), *numbers])
+        writer.writerow([*g.key, *([protocols[i]] if protocols else []), len(g.runs), " ".join(g.seeds()), *numbers])
     return out.getvalue()
 
 

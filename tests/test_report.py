@@ -34,6 +34,33 @@ def test_groups_and_statistics():
     assert "| byol | random | 1 | 0 | 0.500 |" in text  # one run: no spread to show
 
 
+def test_other_label_fractions_and_budgets_are_rows_not_seeds():
+    runs = [_run("simclr", 0, 0.90), _run("simclr", 1, 0.94), _run("simclr", 0, 0.70), _run("simclr", 0, 0.60)]
+    for run, fraction in zip(runs, ("1.0", "1.0", "0.1", "0.1")):
+        run.params["protocol.label_fraction"] = fraction
+    runs[3].params["protocol.epochs"] = "10"  # another budget too
+    groups = aggregate(runs, ["method"], ["test/top1"])
+    assert [len(g.runs) for g in groups] == [1, 1, 2]  # only the two seeds at fraction 1.0 are averaged
+    text = markdown(groups, ["method"], ["test/top1"], 2)
+    assert text.splitlines()[0] == "| method | protocol | runs | seeds | test/top1 |"
+    assert "| simclr | protocol.epochs=- protocol.label_fraction=0.1 | 1 | 0 | 0.70 |" in text
+    assert "| simclr | protocol.epochs=10 protocol.label_fraction=0.1 | 1 | 0 | 0.60 |" in text
+    assert "| simclr | protocol.epochs=- protocol.label_fraction=1.0 | 2 | 0,1 | 0.92 ± 0.03 |" in text
+
+
+def test_report_of_real_runs_keeps_label_fractions_apart(tmp_path):
+    for fraction in ("0.1", "1.0"):
+        out = run_cli(["stage=linear_probe", "pretrained=random", "device=cpu", "stage.epochs=2",
+                       f"dataset.fraction={fraction}"], tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    out = _report(tmp_path, "--group-by", "method", "--metrics", "test/top1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "| method | protocol | runs | seeds | test/top1 |" and len(lines) == 4, out.stdout
+    assert any("protocol.label_fraction=0.1 | 1 | 0 |" in line for line in lines)
+    assert any("protocol.label_fraction=1.0 | 1 | 0 |" in line for line in lines)
+
+
 def test_filter_keys():
     run = _run("simclr", 3, 0.9)
     assert value(run, "stage") == "linear_probe" and value(run, "seed") == "3" and value(run, "init") == "pretrained"

@@ -173,14 +173,16 @@ def _fingerprint(backbone: torch.nn.Module, split, normalize) -> tuple:
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.device, batch_size: int) -> torch.Tensor:
+def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.device, batch_size: int,
+                     cache: bool = True) -> torch.Tensor:
     """Features of every image of `split` (its eval view), once, in eval mode: (N, num_features)
-    on the CPU; reused while the weights and the split are the same. Under DDP each rank
-    extracts its shard and all ranks get the whole split's features."""
+    on the CPU; reused while the weights and the split are the same (`cache=False`: weights
+    that are still training, never reused). Under DDP each rank extracts its shard and all
+    ranks get the whole split's features."""
     from sslpipe import distributed
     from sslpipe.data.loaders import eval_loader
 
-    key = _fingerprint(backbone, split, normalize)
+    key = _fingerprint(backbone, split, normalize) if cache else None
     if key in _FEATURES:
         log.info("features of %d images reused (same weights and split)", len(split))
         return _FEATURES[key]
@@ -192,6 +194,8 @@ def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.
         return torch.cat(out) if out else torch.empty(0, backbone.num_features, device=device)
 
     features = distributed.extract_features_sharded(extract, split).cpu()
+    if not cache:
+        return features
     while len(_FEATURES) >= _FEATURES_KEPT:
         _FEATURES.pop(next(iter(_FEATURES)))
     _FEATURES[key] = features

@@ -18,11 +18,12 @@ from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale, Preempted
 from sslpipe.methods.ema import saved_encoder
+from sslpipe.monitor import Monitor, subset
 from sslpipe.optim import weight_decay_groups
 from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
 from sslpipe.speed import build_optimizer, device_pool, prepare_model
-from sslpipe.stages import Context, StageResult, build_backbone, build_splits, print_table, stage_run
+from sslpipe.stages import Context, StageResult, build_backbone, build_splits, normalizer, print_table, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,9 @@ def run(ctx: Context) -> StageResult:
                 should_stop=stop.requested,
                 progress=progress, seed=cfg.seed)
     loop.resume()
+    monitor = _monitor(ctx, splits, method, loop.total)
     try:
-        return _fit(ctx, method, loop, lr_scale)
+        return _fit(ctx, method, loop, lr_scale, monitor, progress)
     except Preempted as stopped:
         log.warning("%s", stopped)
         stop.hand_over()  # requeue (submitit / sbatch) and exit
@@ -131,7 +133,27 @@ def run(ctx: Context) -> StageResult:
         stop.restore()
 
 
-def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale) -> StageResult:
+def _monitor(ctx: Context, splits, method, total: int) -> Monitor | None:
+    """The online kNN and collapse signals on the encoder the run saves (DINO: the teacher),
+    every `stage.monitor.every` steps (auto: about 10 checks, on logged steps); None when off
+    or when the data has no labelled held-out split."""
+    st = ctx.cfg.stage
+    every = st.monitor.every
+    if every == "auto":
+        every = max(1, round(total / 10 / st.log_every)) * st.log_every
+    queries = splits.val if splits.val is not None else splits.test
+    if not every or queries is None or not bool((splits.train.labels >= 0).any()):
+        return None
+    if every % st.log_every:
+        every = -(-every // st.log_every) * st.log_every
+        log.info("stage.monitor.every rounded up to %d, a multiple of stage.log_every", every)
+    _, encoder, _ = saved_encoder(method, st.encoder)
+    return Monitor(encoder, subset(splits.train, st.monitor.bank, ctx.cfg.seed),
+                   subset(queries, st.monitor.queries, ctx.cfg.seed), normalizer(ctx).to(ctx.device), ctx.device,
+                   ctx.cfg.dataset.num_classes, every)
+
+
+def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor | None, progress: Progress) -> StageResult:
     cfg = ctx.cfg
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
@@ -140,7 +162,13 @@ def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale) -> StageResult:
 
         def log_metrics(metrics: dict, step_no: int) -> None:
             history.append((step_no, metrics["train/loss"], metrics["train/lr"]))
-            run.log_metrics(metrics, step_no)
+            online = monitor(step_no, loop.total) if monitor else {}
+            if online:
+                progress.note = monitor.note(online)
+                if monitor.collapsed_at == step_no:
+                    run.set_tags({"sslpipe.collapse": f"step {step_no}: feature std {online['online/feature_std']:.3f}, "
+                                                      f"rank {online['online/rank']:.2f}"})
+            run.log_metrics({**metrics, **online}, step_no)
 
         loop.log_metrics = log_metrics
         loop.run()

@@ -1,0 +1,53 @@
+"""Watching a run (sslpipe.monitor): the collapse signals on known matrices, the online
+metrics of a DINO run at several steps, and the warning a collapsing run raises."""
+
+from __future__ import annotations
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from sslpipe.monitor import effective_rank, feature_std
+
+FAST = ["stage=pretrain", "device=cpu", "tracking.log_checkpoints=false", "stage.log_every=2",
+        "stage.monitor.every=2"]
+
+
+def test_signals_on_known_embeddings():
+    torch.manual_seed(0)
+    spread = torch.randn(2000, 64)
+    assert abs(feature_std(spread) - 1.0) < 0.05  # isotropic: about 1/sqrt(d) per dimension, times sqrt(d)
+    assert feature_std(torch.ones(100, 64) * 3.0) == 0.0  # every image on one point
+    line = torch.randn(500, 1) @ torch.randn(1, 64)
+    assert effective_rank(line) < 1.01  # one direction
+    assert abs(effective_rank(torch.eye(32)) - 32.0) < 1e-2  # 32 equal directions
+
+
+def _history(cli):
+    client = MlflowClient(tracking_uri=cli.store)
+    [run] = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])
+    return run, {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+                 for k in ("online/knn_top1", "online/feature_std", "online/rank")}
+
+
+def test_dino_logs_online_knn_and_collapse_signals_at_several_steps(cli):
+    out = cli(*FAST, "method=dino", "stage.epochs=2", "stage.max_steps=6", "stage.batch_size=64")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run, history = _history(cli)
+    for name, values in history.items():
+        assert [step for step, _ in values] == [2, 4, 6], name
+    assert all(0.3 < v <= 1.0 for _, v in history["online/knn_top1"])  # 10 classes: chance is 0.1
+    assert all(v > 2.0 for _, v in history["online/rank"])
+    assert "kNN 0." in out.stdout and "rank" in out.stdout  # on the progress line
+    assert "sslpipe.collapse" not in run.data.tags
+
+
+def test_a_collapsing_run_is_flagged(cli):
+    # SimSiam at 100x its digits learning rate: the embeddings fall onto one point within
+    # 10 steps (std 0.019, measured in sslpipe/monitor.py's comment)
+    out = cli(*FAST, "method=simsiam", "stage.optimizer.lr=0.5", "stage.epochs=3", "stage.max_steps=10",
+              "stage.monitor.every=10", "stage.log_every=10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "the embeddings look collapsed at step 10/10" in out.stdout + out.stderr
+    run, history = _history(cli)
+    assert run.data.tags["sslpipe.collapse"].startswith("step 10:")
+    assert history["online/feature_std"][-1][1] < 0.05 or history["online/rank"][-1][1] < 2.0
