@@ -139,7 +139,9 @@ def test_two_ranks_train_as_one(launches, job):
         assert abs(loss_one[0] - loss_two[0]) > 1e-3, (loss_one, loss_two)
         assert tags_two["sslpipe.rank_weights"].startswith("equal ")
         return
-    assert torch.allclose(torch.tensor(loss_one), torch.tensor(loss_two), atol=1e-5, rtol=0), (loss_one, loss_two)
+    # 1e-5, plus 1e-6 of the loss: Barlow Twins' loss (a sum over 512^2 correlations) is ~70,
+    # where one float32 ulp is 7.6e-6 and a different summation order moves it a few ulps
+    assert torch.allclose(torch.tensor(loss_one), torch.tensor(loss_two), atol=1e-5, rtol=1e-6), (loss_one, loss_two)
     assert (tags_one["sslpipe.train_world_size"], tags_two["sslpipe.train_world_size"]) == ("1", "2")
     assert tags_two["sslpipe.rank_weights"].startswith("equal "), tags_two["sslpipe.rank_weights"]
     p1, p2 = _parameters(one, job), _parameters(two, job)
