@@ -118,10 +118,11 @@ def _on_pty(args: list[str], cwd) -> tuple[int, str]:
 def test_cli_on_a_terminal_draws_one_line_per_stage(tmp_path):
     code, text = _on_pty(RUN, tmp_path)
     assert code == 0, text[-3000:]
-    for stage, total in (("pretrain simclr", 12), ("finetune", 4)):
+    for stage, total, note in (("pretrain simclr", 12, r" \| kNN 0\.\d+ std [\d.]+ rank [\d.]+"), ("finetune", 4, "")):
         assert f"{TTY_LINE}{stage}: step 1/{total} " in text
+        # pretraining's line ends with the online kNN and collapse signals (sslpipe.monitor)
         assert re.search(rf"{re.escape(TTY_LINE)}{stage}: step {total}/{total} \(100%\) epoch [\d.]+ loss [\d.]+ "
-                         rf"\d+ img/s elapsed \d+:\d\d\r?\n", text), text[-3000:]
+                         rf"\d+ img/s elapsed \d+:\d\d{note}\r?\n", text), text[-3000:]
     assert "ETA " in text
     assert "[progress]" not in text  # never both
     assert (tmp_path / "outputs/run/results.md").read_text().count("| finetune | simclr |") == 1
