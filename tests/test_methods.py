@@ -162,6 +162,21 @@ def test_head_last_layer_is_frozen_only_early(name, digits_batch):
         assert unchanged == frozen, f"{name}: last layer unchanged={unchanged} at progress {progress}"
 
 
+def test_ibot_position_embedding_trains(digits_batch):
+    """iBOT learns its position embedding (the paper, as DINO), unlike MAE's fixed sine-cosine."""
+    method, cfg = build_method("ibot")
+    images, labels = digits_batch
+    pos = method.backbone.pos_embed
+    assert pos.requires_grad and not method.teacher.vit.pos_embed.requires_grad
+    before = pos.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    method.training_step(make_views(method, cfg, images), labels, 0.5).backward()
+    optimizer.step()
+    assert not torch.equal(before, pos.detach())
+    method.after_step(0.5)  # and the teacher follows by EMA
+    assert not torch.equal(before, method.teacher.vit.pos_embed)
+
+
 # ---------------------------------------------------------------------------- MoCo queue
 def test_queue_enqueue_dequeue():
     from sslpipe.methods.queue import queue_criterion

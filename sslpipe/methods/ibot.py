@@ -58,11 +58,13 @@ class IBOT(nn.Module):
                  student_temperature: float = 0.1, warmup_teacher_temperature: float = 0.04,
                  teacher_temperature: float = 0.07, warmup_teacher_fraction: float = 0.3,
                  center_momentum: float = 0.9, momentum_start: float = 0.996, momentum_end: float = 1.0,
-                 batch_norm: bool = False, freeze_last_layer_fraction: float = 0.0):
+                 batch_norm: bool = False, freeze_last_layer_fraction: float = 0.0, pos_embed: str = "learn"):
         super().__init__()
         require_vit(backbone, "ibot")
         self.backbone = backbone
-        self.student = MaskedVisionTransformerTIMM(vit=backbone)  # wraps (and shares) the backbone's weights
+        # wraps (and shares) the backbone's weights; position embedding learnt (the paper, as DINO's
+        # ViTs) rather than lightly's default fixed sine-cosine (MAE's choice)
+        self.student = MaskedVisionTransformerTIMM(vit=backbone, pos_embed_initialization=pos_embed)
         head = (backbone.num_features, proj_hidden_dim, bottleneck_dim, output_dim)
         self.projector, self.teacher_projector = dino_heads(*head, batch_norm=batch_norm)
         self.patch_head, self.teacher_patch_head = dino_heads(*head, batch_norm=batch_norm)
