@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,13 @@ class Monitor:
     every: int
     k: int = 20
     temperature: float = 0.07
+    budget: float | None = None  # `every: auto`: widen the interval so checks cost at most this share of training
+    multiple: int = 1            # intervals stay multiples of this (stage.log_every: checks run on logged steps)
+    start_step: int = 0          # where training (re)starts
     collapsed_at: int | None = None  # the first step that showed collapse
+
+    def __post_init__(self):
+        self._since, self._since_step = time.perf_counter(), self.start_step
 
     def due(self, step: int, total: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == total)
@@ -78,6 +85,7 @@ class Monitor:
         from sslpipe.stages import extract_features
         from sslpipe.stages.knn import knn_classify
 
+        started = time.perf_counter()
         modes = [(m, m.training) for m in self.backbone.modules()]  # extraction runs in eval mode
         try:
             bank = extract_features(self.backbone, self.bank, self.normalize, self.device, 512, cache=False)
@@ -97,7 +105,21 @@ class Monitor:
             log.warning("the embeddings look collapsed at step %d/%d (%s; online kNN %.3f). Lower the learning "
                         "rate, check the method's temperature / momentum / centring settings, or stop the run",
                         step, total, ", ".join(signs), metrics["online/knn_top1"])
+        self._keep_to_budget(step, started, time.perf_counter() - started)
         return metrics
+
+    def _keep_to_budget(self, step: int, started: float, spent: float) -> None:
+        """With a budget, the interval becomes the fewest steps whose training time is at least
+        spent / budget (steps timed since the last check), rounded up to `multiple`."""
+        if self.budget and step > self._since_step:
+            step_s = (started - self._since) / (step - self._since_step)
+            needed = math.ceil(spent / (self.budget * max(step_s, 1e-9)))
+            needed = -(-needed // self.multiple) * self.multiple
+            if needed > self.every:
+                log.info("online checks take %.2f s, %.2f s a step: every %d steps keeps them under %.0f %% of "
+                         "training (was %d)", spent, step_s, needed, 100 * self.budget, self.every)
+                self.every = needed
+        self._since, self._since_step = time.perf_counter(), step
 
     def note(self, metrics: dict[str, float]) -> str:
         """A short text for the progress line."""

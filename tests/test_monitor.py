@@ -51,3 +51,27 @@ def test_a_collapsing_run_is_flagged(cli):
     run, history = _history(cli)
     assert run.data.tags["sslpipe.collapse"].startswith("step 10:")
     assert history["online/feature_std"][-1][1] < 0.05 or history["online/rank"][-1][1] < 2.0
+
+
+def test_auto_interval_widens_to_keep_checks_within_budget():
+    import time
+
+    from sslpipe.data import Split
+    from sslpipe.data.digits import load_digits
+    from sslpipe.data.views import Normalize
+    from sslpipe.monitor import Monitor
+    from tests.test_methods import build_method
+
+    method, cfg = build_method("simclr")
+    splits = load_digits(image_size=16)
+    bank, queries = Split(splits.train.images[:300], splits.train.labels[:300]), splits.val
+    monitor = Monitor(method.backbone, bank, queries, Normalize([0.5], [0.5]), torch.device("cpu"), 10, every=2,
+                      budget=0.05, multiple=5)
+    time.sleep(0.02)  # two "steps" of 10 ms: a check of ~600 images costs far more than 5 % of that
+    assert monitor(2, 1000)  # due: runs, then widens
+    assert monitor.every > 2 and monitor.every % 5 == 0
+    assert monitor(4, 1000) == {}  # no longer due
+    fixed = Monitor(method.backbone, bank, queries, Normalize([0.5], [0.5]), torch.device("cpu"), 10, every=2)
+    time.sleep(0.02)
+    fixed(2, 1000)
+    assert fixed.every == 2  # an explicit interval is kept

@@ -122,7 +122,7 @@ def run(ctx: Context) -> StageResult:
                 should_stop=stop.requested,
                 progress=progress, seed=cfg.seed)
     loop.resume()
-    monitor = _monitor(ctx, splits, method, loop.total)
+    monitor = _monitor(ctx, splits, method, loop.total, loop.state.step)
     try:
         return _fit(ctx, method, loop, lr_scale, monitor, progress)
     except Preempted as stopped:
@@ -133,14 +133,17 @@ def run(ctx: Context) -> StageResult:
         stop.restore()
 
 
-def _monitor(ctx: Context, splits, method, total: int) -> Monitor | None:
+MONITOR_BUDGET = 0.05  # `stage.monitor.every: auto` keeps the online checks under 5 % of training time
+
+
+def _monitor(ctx: Context, splits, method, total: int, start_step: int) -> Monitor | None:
     """The online kNN and collapse signals on the encoder the run saves (DINO: the teacher),
     every `stage.monitor.every` steps (auto: about 10 checks, on logged steps); None when off
     or when the data has no labelled held-out split."""
     st = ctx.cfg.stage
-    every = st.monitor.every
-    if every == "auto":
-        every = max(1, round(total / 10 / st.log_every)) * st.log_every
+    every, budget = st.monitor.every, None
+    if every == "auto":  # about 10 checks, widened while they would cost over 5 % of training
+        every, budget = max(1, round(total / 10 / st.log_every)) * st.log_every, MONITOR_BUDGET
     queries = splits.val if splits.val is not None else splits.test
     if not every or queries is None or not bool((splits.train.labels >= 0).any()):
         return None
@@ -150,7 +153,7 @@ def _monitor(ctx: Context, splits, method, total: int) -> Monitor | None:
     _, encoder, _ = saved_encoder(method, st.encoder)
     return Monitor(encoder, subset(splits.train, st.monitor.bank, ctx.cfg.seed),
                    subset(queries, st.monitor.queries, ctx.cfg.seed), normalizer(ctx).to(ctx.device), ctx.device,
-                   ctx.cfg.dataset.num_classes, every)
+                   ctx.cfg.dataset.num_classes, every, budget=budget, multiple=st.log_every, start_step=start_step)
 
 
 def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor | None, progress: Progress) -> StageResult:
