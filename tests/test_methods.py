@@ -163,8 +163,9 @@ def test_head_last_layer_is_frozen_only_early(name, digits_batch):
 
 
 def test_ibot_position_embedding_trains(digits_batch):
-    """iBOT learns its position embedding (the paper, as DINO), unlike MAE's fixed sine-cosine."""
-    method, cfg = build_method("ibot")
+    """With `pos_embed: learn` (the paper, as DINO; conf/experiment/ibot_vits4_cifar10.yaml) iBOT
+    learns its position embedding, and its teacher follows; MAE's fixed sine-cosine does not train."""
+    method, cfg = build_method("ibot", "method.pos_embed=learn")
     images, labels = digits_batch
     pos = method.backbone.pos_embed
     assert pos.requires_grad and not method.teacher.vit.pos_embed.requires_grad

@@ -19,7 +19,7 @@ def _names(model, params) -> set[str]:
 
 
 def test_vit_method_groups_leave_biases_norms_embeddings_and_tokens_undecayed():
-    method, _ = build_method("ibot")  # a ViT with cls token, position embedding, iBOT's mask token
+    method, _ = build_method("ibot", "method.pos_embed=learn")  # a ViT with cls token, learnt position embedding, mask token
     no_decay, decay = weight_decay_groups(method, 0.04)
     assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.04)
     undecayed, decayed = _names(method, no_decay["params"]), _names(method, decay["params"])
