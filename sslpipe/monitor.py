@@ -110,10 +110,13 @@ class Monitor:
 
     def _keep_to_budget(self, step: int, started: float, spent: float) -> None:
         """With a budget, the interval becomes the fewest steps whose training time is at least
-        spent / budget (steps timed since the last check), rounded up to `multiple`."""
+        spent / budget (steps timed since the last check), rounded up to `multiple`. Every rank
+        takes the largest rank's need: a check is a collective, so the ranks must agree on it."""
+        from sslpipe import distributed
+
         if self.budget and step > self._since_step:
             step_s = (started - self._since) / (step - self._since_step)
-            needed = math.ceil(spent / (self.budget * max(step_s, 1e-9)))
+            needed = max(distributed.gather_objects(math.ceil(spent / (self.budget * max(step_s, 1e-9)))))
             needed = -(-needed // self.multiple) * self.multiple
             if needed > self.every:
                 log.info("online checks take %.2f s, %.2f s a step: every %d steps keeps them under %.0f %% of "

@@ -16,6 +16,20 @@ def is_streamed(split) -> bool:
     return isinstance(split, FileSplit)
 
 
+def with_sample_ids(split):
+    """The split with each image's index as its label, for a method that must know which image
+    a sample is (MoCo's queue keeps its own image's keys out of a query's negatives). Works for
+    a Split, a FileSplit and a ShardSplit alike: the loaders hand out `split.labels`."""
+    import copy
+
+    ids = torch.arange(len(split))
+    if isinstance(split, Split):
+        return Split(split.images, ids, split.masks)
+    tagged = copy.copy(split)
+    tagged.labels = ids
+    return tagged
+
+
 def ops_in_workers(split, device: torch.device) -> bool:
     """Where a streamed split's view ops (flip, colour, blur, ...) run: batched on a GPU, but in
     the DataLoader workers, per PIL image, when training on the CPU: at 224 px PIL's uint8 ops

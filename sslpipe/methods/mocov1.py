@@ -26,7 +26,8 @@ def per_rank_splits(bn_splits: int) -> int:
 class MoCoV1(nn.Module):
     """A query encoder (backbone + linear fc to `proj_output_dim`) and a momentum key encoder;
     InfoNCE of each query against its key and a queue of `memory_bank_size` earlier keys
-    (lightly's `NTXentLoss` memory bank, see `sslpipe.methods.queue`).
+    (`sslpipe.methods.queue`). `labels` are sample ids (`needs_sample_ids`: stage=pretrain hands
+    each image's index), so that a queued key of the query's own image is no negative.
 
     Shapes: views 2 x (B, C, H, W) -> query, key (B, proj_output_dim); queue (K, proj_output_dim).
     Defaults: dim 128, K 65536 as in the paper; T 0.07 (paper, sec. 3.3).
@@ -41,7 +42,7 @@ class MoCoV1(nn.Module):
     statistics over the same samples, and runs with 1 and N ranks train alike.
     """
 
-    global_views, local_views, needs_labels, sync_bn = 2, 0, False, False
+    global_views, local_views, needs_labels, sync_bn, needs_sample_ids = 2, 0, False, False, True
     objective = "info_nce_queue"
 
     def __init__(self, backbone: nn.Module, proj_output_dim: int = 128, memory_bank_size: int = 65536,
@@ -61,26 +62,30 @@ class MoCoV1(nn.Module):
         self.key_projector = frozen_copy(self.projector)
         self.memory_bank_size = memory_bank_size
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
-        self.criterion = queue.queue_criterion(temperature, memory_bank_size, proj_output_dim)
+        self.temperature = temperature
+        self.queue = queue.KeyQueue(memory_bank_size, proj_output_dim)
         self.draws = GlobalDraws()  # the Shuffle-BN permutations, alike on every rank
 
     def fit_data(self, num_images: int, batch_size: int) -> None:
         queue.refit(self, num_images, batch_size)
 
     def get_extra_state(self) -> dict:
-        """The queue and its pointer: lightly keeps them out of the state dict (non-persistent
-        buffers), and a resumed run without them would restart from random negatives."""
-        return queue.queue_state(self.criterion)
+        """The queue, its ids and pointer (a resumed run without them would restart from random
+        negatives)."""
+        return queue.queue_state(self.queue)
 
     def set_extra_state(self, state: dict) -> None:
-        queue.load_queue_state(self.criterion, state)
+        queue.load_queue_state(self.queue, state)
 
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
+    def training_step(self, views: list[torch.Tensor], ids: torch.Tensor, progress: float) -> torch.Tensor:
         x_query, x_key = views
         query = self.projector(self.backbone(x_query))
         with torch.no_grad():
             key = self.shuffled_keys(x_key)
-        return self.criterion(query, key)  # enqueues the global batch's keys, dequeues the oldest
+        loss = queue.queue_info_nce(query, key, ids, self.queue, self.temperature)
+        if query.requires_grad:  # training: the global batch's keys replace the oldest (Algorithm 1)
+            self.queue.enqueue(all_gather_cat(key), all_gather_cat(ids))
+        return loss
 
     @torch.no_grad()
     def shuffled_keys(self, x_key: torch.Tensor) -> torch.Tensor:

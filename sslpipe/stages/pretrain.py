@@ -12,7 +12,7 @@ from sslpipe import checkpoint as ckpt
 from sslpipe import distributed
 from sslpipe.batchnorm import convert_split_bn
 from sslpipe.config import build
-from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader
+from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader, with_sample_ids
 from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import AugmentSpec, MultiView
 from sslpipe.distributed import rank, world_size
@@ -59,6 +59,8 @@ def _loader(cfg, method_cls, train, views: MultiView, device: torch.device):
     from sslpipe.validate import ConfigError
 
     st = cfg.stage
+    if getattr(method_cls, "needs_sample_ids", False):  # MoCo v1/v2: each image's index as its "label"
+        train = with_sample_ids(train)
     if not getattr(method_cls, "class_balanced", False):
         return training_loader(train, st.batch_size, views.crops(), seed=cfg.seed, rank=rank(),
                                world_size=world_size(), device=device)
