@@ -42,15 +42,10 @@ def effective_rank(features: torch.Tensor, eps: float = 1e-7) -> float:
 
 
 def subset(split, count: int, seed: int):
-    """At most `count` labelled images of `split`, drawn once from `seed`."""
-    from sslpipe.data import Split
-
+    """At most `count` labelled images of `split` (a Split or FileSplit), drawn once from `seed`."""
     labelled = torch.nonzero(split.labels >= 0)[:, 0]
     g = torch.Generator().manual_seed(seed)
-    index = labelled[torch.randperm(len(labelled), generator=g)[:count]].sort().values
-    if isinstance(split, Split):
-        return Split(split.images[index], split.labels[index])
-    return split.subset(index)
+    return split.subset(labelled[torch.randperm(len(labelled), generator=g)[:count]].sort().values)
 
 
 @dataclass

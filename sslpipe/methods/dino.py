@@ -69,7 +69,7 @@ class DINO(nn.Module):
         self.projector, self.teacher_projector = dino_heads(backbone.num_features, proj_hidden_dim, bottleneck_dim,
                                                             output_dim, batch_norm=batch_norm,
                                                             norm_last_layer=norm_last_layer)
-        self.progress, self.freeze_last_layer_fraction = 0.0, freeze_last_layer_fraction
+        self.freeze_last_layer_fraction = freeze_last_layer_fraction
         self.teacher_backbone = frozen_copy(self.backbone)
         self.criterion = DINOLoss(output_dim=output_dim, teacher_temp=teacher_temperature,
                                   student_temp=student_temperature, center_momentum=center_momentum)
@@ -77,7 +77,6 @@ class DINO(nn.Module):
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
-        self.progress = progress
         global_views = views[: self.global_views]
         with torch.no_grad():
             teacher_out = [self.teacher_projector(self.teacher_backbone(v)) for v in global_views]

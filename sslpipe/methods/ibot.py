@@ -68,7 +68,7 @@ class IBOT(nn.Module):
         head = (backbone.num_features, proj_hidden_dim, bottleneck_dim, output_dim)
         self.projector, self.teacher_projector = dino_heads(*head, batch_norm=batch_norm)
         self.patch_head, self.teacher_patch_head = dino_heads(*head, batch_norm=batch_norm)
-        self.progress, self.freeze_last_layer_fraction = 0.0, freeze_last_layer_fraction
+        self.freeze_last_layer_fraction = freeze_last_layer_fraction
         self.teacher = frozen_copy(self.student)
         self.cls_loss = DINOLoss(output_dim=output_dim, student_temp=student_temperature,
                                  center_momentum=center_momentum)
@@ -100,7 +100,6 @@ class IBOT(nn.Module):
         return self.teacher.vit
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
-        self.progress = progress
         images = torch.cat(views[: self.global_views])
         masks, drawn = zip(*(self.block_mask(v) for v in views[: self.global_views]))
         mask = torch.cat(masks)

@@ -55,7 +55,7 @@ class MoCoV1(nn.Module):
 
     def _build(self, backbone: nn.Module, projector: nn.Module, proj_output_dim: int, memory_bank_size: int,
                temperature: float, momentum_start: float, momentum_end: float, bn_splits: int) -> None:
-        """The query encoder, its momentum copy (the key encoder), split BN and the queue's criterion."""
+        """The query encoder, its momentum copy (the key encoder), split BN and the key queue."""
         splits = per_rank_splits(bn_splits)
         self.backbone, self.projector = convert_split_bn(backbone, splits), convert_split_bn(projector, splits)
         self.key_backbone = frozen_copy(self.backbone)

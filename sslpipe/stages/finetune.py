@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslpipe import distributed
 from sslpipe.batchnorm import convert_split_bn
 from sslpipe.checkpoint import load_pretrained
-from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data.loaders import eval_loader, is_streamed, ops_in_workers, training_loader
 from sslpipe.data.stream import CropSpec
