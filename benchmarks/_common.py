@@ -89,10 +89,10 @@ class Training:
         import torch
 
         from sslpipe.config import build, compose
-        from sslpipe.data.views import AugmentSpec, MultiView
+        from sslpipe.data.views import MultiView
         from sslpipe.distributed import training_step_module
         from sslpipe.speed import build_optimizer, device_pool, prepare_model
-        from sslpipe.stages import Context, build_backbone, build_splits
+        from sslpipe.stages import Context, build_backbone, build_method, build_splits
 
         self.cfg = cfg = compose(["stage=pretrain", *overrides])
         st = cfg.stage
@@ -100,11 +100,11 @@ class Training:
         ctx = Context(cfg=cfg, run_dir=run_dir, device=dev, tracker=None)
         self.pool = device_pool(build_splits(ctx, labelled=False).train, dev)
         torch.manual_seed(cfg.seed)
-        self.method = build(cfg.method, backbone=build_backbone(ctx)).to(dev)
+        self.method, plan = build_method(cfg, build_backbone(ctx))
+        self.method = self.method.to(dev)
         prepare_model(self.method, channels_last=st.channels_last, compile=st.compile)
-        self.views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
-                               list(cfg.dataset.norm.std), global_views=self.method.global_views,
-                               local_views=self.method.local_views).to(dev)
+        self.views = MultiView(cfg.dataset.image_size, plan, list(cfg.dataset.norm.mean),
+                               list(cfg.dataset.norm.std)).to(dev)
         self.optimizer = build_optimizer(build(st.optimizer), [p for p in self.method.parameters() if p.requires_grad], dev)
         train_step = training_step_module(self.method)
         self.step = lambda images, labels, progress: train_step(self.views(images), labels, progress)

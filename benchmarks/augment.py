@@ -38,10 +38,10 @@ def lightly_transform(colour: bool = True):
 
 
 def sslpipe_views(device: str, colour: bool = True):
-    from sslpipe.data.views import AugmentSpec, MultiView
+    from sslpipe.data.views import AugmentSpec, MultiView, ViewPlan
 
     spec = dict(SPEC) if colour else {**SPEC, "jitter_prob": 0.0, "grayscale_prob": 0.0}
-    return MultiView(32, AugmentSpec(**spec), MEAN, STD, global_views=2).to(device)
+    return MultiView(32, ViewPlan.uniform(AugmentSpec(**spec), global_views=2), MEAN, STD).to(device)
 
 
 def images(n: int, tmp: Path):

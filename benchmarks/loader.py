@@ -58,12 +58,13 @@ def sslpipe_loader(root: Path, batch: int, workers: int, loader_kind: str, in_wo
 
     from sslpipe.data.imagefolder import load_imagefolder
     from sslpipe.data.loaders import training_loader
-    from sslpipe.data.views import AugmentSpec, MultiView
+    from sslpipe.data.views import AugmentSpec, MultiView, ViewPlan
 
     splits = load_imagefolder(str(root), image_size=224, loader=loader_kind, workers=workers, memory_budget_gb=100,
                               val_ratio=0, test_ratio=0.01)
     spec = AugmentSpec(crop_scale=(0.2, 1.0), blur_prob=0.5)
-    views = MultiView(224, spec, MEAN, STD, global_views=2, crop=loader_kind == "memory", in_workers=in_workers)
+    views = MultiView(224, ViewPlan.uniform(spec, global_views=2), MEAN, STD, crop=loader_kind == "memory",
+                      in_workers=in_workers)
     loader = training_loader(splits.train, batch, views.crops(), seed=0)
 
     def batches():

@@ -161,16 +161,13 @@ def sslpipe_overrides(method: str, size: int, batch_size: int, steps: int, devic
     if method == "simclr":  # SimCLRTransform's defaults; NTXentLoss() temperature 0.5; SGD lr 0.06
         return common + ["method=simclr", "method.proj_hidden_dim=512", "method.proj_output_dim=128",
                          "method.temperature=0.5", "stage.optimizer._target_=torch.optim.SGD", "stage.optimizer.lr=0.06",
-                         "dataset.augment.crop_scale=[0.08,1.0]", "dataset.augment.brightness=0.8",
-                         "dataset.augment.contrast=0.8", "dataset.augment.saturation=0.8", "dataset.augment.hue=0.2",
-                         "dataset.augment.blur_prob=0.5"]
-    # DINOTransform's defaults (global crops 0.4-1, jitter 0.4/0.4/0.2/0.1, blur 1/0.1/0.5 -> ~0.5,
-    # solarize 0/0.2 -> 0.1); DINOProjectionHead(512, 512, 64, 2048); Adam lr 1e-3; 6 local views
-    return common + ["method=dino", "method.local_views=6", "method.proj_hidden_dim=512", "method.bottleneck_dim=64",
-                     "method.output_dim=2048", "stage.optimizer._target_=torch.optim.Adam", "stage.optimizer.lr=0.001",
-                     "dataset.augment.crop_scale=[0.4,1.0]", "dataset.augment.brightness=0.4",
-                     "dataset.augment.contrast=0.4", "dataset.augment.saturation=0.2", "dataset.augment.hue=0.1",
-                     "dataset.augment.blur_prob=0.5", "dataset.augment.solarize_prob=0.1"]
+                         "dataset.augment.fixed=[]"]  # SimCLR's views as method.views has them, blur included
+    # DINOTransform's defaults are DINO's views as method.views has them (global crops 0.4-1, jitter
+    # 0.4/0.4/0.2/0.1, blur 1/0.1/0.5, solarize 0/0.2); DINOProjectionHead(512, 512, 64, 2048); Adam
+    # lr 1e-3; 6 local views
+    return common + ["method=dino", "method.views.local_views=6", "method.proj_hidden_dim=512",
+                     "method.bottleneck_dim=64", "method.output_dim=2048", "stage.optimizer._target_=torch.optim.Adam",
+                     "stage.optimizer.lr=0.001", "dataset.augment.fixed=[]"]
 
 
 def sslpipe_run(overrides: list[str], tmp: Path, skip: int, batch_size: int, round_: int) -> float:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 # Keys that describe a config node rather than feed its constructor.
 # Keys of a `_target_` node that are not constructor arguments: `name`, and a method's
 # `optim` block (its paper's optimizer settings, read by stage=pretrain).
-_DESCRIPTIVE = ("name", "optim")
+_DESCRIPTIVE = ("name", "optim", "views")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

@@ -46,9 +46,12 @@ COMMON = ["device=cpu", "stage.epochs=1", "stage.max_steps=3", "stage.log_every=
 # these (engine.LrScale: 2 ranks x 16 counts as 32; a run that forgot the ranks would step at half).
 PRETRAIN_LR = ["stage.optimizer.lr=0.016"]
 HEAD_LRS = ["stage.backbone_lr=0.008", "stage.head_lr=0.08"]
+# the data set fixes every op (dataset.augment.fixed), so no method's views turn one on
 IDENTITY_VIEWS = ["dataset.augment.crop_scale=[1.0,1.0]", "dataset.augment.crop_ratio=[1.0,1.0]",
-                  "dataset.augment.rotation=0.0", "dataset.augment.jitter_prob=0.0"]
-PER_METHOD = {"dino": ["method.local_views=0"], "autoencoder": ["method.noise_std=0.0"],
+                  "dataset.augment.rotation=0.0", "dataset.augment.jitter_prob=0.0",
+                  "dataset.augment.fixed=[crop_scale,crop_ratio,hflip,rotation,jitter_prob,grayscale_prob,blur_prob,"
+                  "solarize_prob]"]
+PER_METHOD = {"dino": ["method.views.local_views=0"], "autoencoder": ["method.noise_std=0.0"],
               "mocov1": ["method.bn_splits=2"], "mocov2": ["method.bn_splits=2"],
               "simo2": ["method.samples_per_class=4"],
               # iBOT's head BN normalises masked patch tokens, a number per rank that no split of one

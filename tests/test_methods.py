@@ -34,9 +34,11 @@ def compose_method(name: str, *overrides: str):
 
 
 def build_method(name: str, *overrides: str):
+    from sslpipe.stages import build_method as build_with_views
+
     cfg = compose_method(name, *overrides)
     torch.manual_seed(0)
-    return build(cfg.method, backbone=build(cfg.backbone)), cfg
+    return build_with_views(cfg, build(cfg.backbone))[0], cfg
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +52,12 @@ def digits_batch():
 
 
 def make_views(method, cfg, images):
-    from sslpipe.data.views import AugmentSpec, MultiView
+    from sslpipe.data.views import MultiView
+    from sslpipe.stages import build_method as build_with_views
 
     torch.manual_seed(1)
-    views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
-                      list(cfg.dataset.norm.std), method.global_views, method.local_views)
+    plan = build_with_views(cfg, build(cfg.backbone))[1]
+    views = MultiView(cfg.dataset.image_size, plan, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std))
     return views(images)
 
 

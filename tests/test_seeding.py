@@ -16,11 +16,11 @@ from sslpipe.batchnorm import SplitBatchNorm, convert_split_bn
 def _draws_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from sslpipe import distributed, seeding
-    from sslpipe.data.views import AugmentSpec, MultiView
+    from sslpipe.data.views import AugmentSpec, MultiView, ViewPlan
 
     distributed.setup(torch.device("cpu"))
     seeding.seed_process(0)  # model construction: alike on every rank
-    views = MultiView(16, AugmentSpec(), [0.5], [0.25], global_views=2, local_views=2)
+    views = MultiView(16, ViewPlan.uniform(AugmentSpec(), global_views=2, local_views=2), [0.5], [0.25])
     draws = seeding.GlobalDraws()
     images = torch.arange(8 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(8, 1, 16, 16)
     seeding.seed_rank_stream(0, rank)  # what Loop.run does before the first step

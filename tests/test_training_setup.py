@@ -76,7 +76,7 @@ def _part(state: dict, prefix: str) -> dict:
 @pytest.mark.parametrize("encoder, prefix", [(None, "teacher_backbone."), ("student", "backbone.")])
 def test_dino_saves_the_teacher_unless_asked_for_the_student(cli, encoder, prefix):
     args = ["stage=pretrain", "method=dino", *FAST, "stage.batch_size=32", "stage.optimizer.lr=0.05",
-            "method.output_dim=256", "method.local_views=0", "stage.warmup_epochs=0"]
+            "method.output_dim=256", "method.views.local_views=0", "stage.warmup_epochs=0"]
     _, run = _run(cli, *args, *([f"stage.encoder={encoder}"] if encoder else []))
     final, last = _final_and_last(cli)
     saved, other = _part(last, prefix), _part(last, "backbone." if encoder is None else "teacher_backbone.")

@@ -142,6 +142,25 @@ def build_backbone(ctx: Context) -> torch.nn.Module:
     return build(ctx.cfg.backbone)
 
 
+def build_method(cfg: DictConfig, backbone: torch.nn.Module):
+    """The method of `cfg.method` on `backbone`, and its views (`sslpipe.data.views.plan_views`:
+    the method's paper views over the data set's). The view counts come from `method.views`;
+    a method that takes local crops (DINO) gets their count as `local_views`."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from sslpipe.data.views import plan_views
+
+    cls = get_class(cfg.method._target_)
+    takes_local = "local_views" in inspect.signature(cls).parameters
+    views = OmegaConf.to_container(cfg.method.views, resolve=True) if "views" in cfg.method else None
+    plan = plan_views(OmegaConf.to_container(cfg.dataset.augment, resolve=True), views, cfg.method.name,
+                      cls.global_views, takes_local)
+    extra = {"local_views": plan.local_views} if takes_local else {}
+    return build(cfg.method, backbone=backbone, **extra), plan
+
+
 def normalizer(ctx: Context):
     from sslpipe.data.views import Normalize
 

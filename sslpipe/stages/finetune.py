@@ -4,6 +4,8 @@ layer-wise learning-rate decay over the backbone's depth (BEiT, Bao et al. 2022)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,7 @@ from sslpipe.checkpoint import load_pretrained
 from sslpipe.config import build
 from sslpipe.data.loaders import eval_loader, is_streamed, ops_in_workers, training_loader
 from sslpipe.data.stream import CropSpec
-from sslpipe.data.views import Augment, AugmentSpec
+from sslpipe.data.views import Augment, base_spec
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.progress import Progress
@@ -82,7 +84,7 @@ def run(ctx: Context) -> StageResult:
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=True)
     norm = normalizer(ctx).to(ctx.device)
-    spec = AugmentSpec(**{**cfg.dataset.augment, "crop_scale": (st.crop_min, 1.0)})
+    spec = replace(base_spec(cfg.dataset.augment), crop_scale=(st.crop_min, 1.0))  # the data set's own view
     streamed, in_workers = is_streamed(splits.train), ops_in_workers(splits.train, ctx.device)
     # streamed: the crop is cut from the original image in the loader's workers (without augment: the
     # centre square), and on the CPU the other view ops too (sslpipe.data.loaders.ops_in_workers)

@@ -14,7 +14,7 @@ from sslpipe.batchnorm import convert_split_bn
 from sslpipe.config import build
 from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader, with_sample_ids
 from sslpipe.data.samplers import ClassBalancedLoader
-from sslpipe.data.views import AugmentSpec, MultiView
+from sslpipe.data.views import MultiView
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale, Preempted
 from sslpipe.methods.ema import saved_encoder
@@ -23,7 +23,8 @@ from sslpipe.optim import weight_decay_groups
 from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
 from sslpipe.speed import build_optimizer, device_pool, prepare_model
-from sslpipe.stages import Context, StageResult, build_backbone, build_splits, normalizer, print_table, stage_run
+from sslpipe.stages import (Context, StageResult, build_backbone, build_method, build_splits, normalizer, print_table,
+                            stage_run)
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,12 @@ def run(ctx: Context) -> StageResult:
     splits = build_splits(ctx, labelled=getattr(method_cls, "needs_labels", False))  # supervised: labelled train only
     train = splits.train if is_streamed(splits.train) else device_pool(splits.train, ctx.device)
     # ------------------------------------------------------------ model and views
-    method = convert_split_bn(build(cfg.method, backbone=backbone), st.split_bn)
+    method, plan = build_method(cfg, backbone)  # and its views: the paper's, adapted to the data
+    method = convert_split_bn(method, st.split_bn)
     saved_encoder(method, st.encoder)  # a teacher asked of a method without one fails before training
     # streamed: the loader's workers cut the crops from the original images; the other view ops
     # run batched on the GPU, or, training on the CPU, per image in the workers too
-    views = MultiView(cfg.dataset.image_size, AugmentSpec(**cfg.dataset.augment), list(cfg.dataset.norm.mean),
-                      list(cfg.dataset.norm.std), global_views=method.global_views, local_views=method.local_views,
+    views = MultiView(cfg.dataset.image_size, plan, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std),
                       crop=not is_streamed(train), in_workers=ops_in_workers(train, ctx.device)).to(ctx.device)
     loader = _loader(cfg, method_cls, train, views, ctx.device)
     if hasattr(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
