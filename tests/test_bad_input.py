@@ -69,6 +69,8 @@ CASES = [
     (["stage=knn", "pretrained=random", "dataset.channels=3"], ["1-channel", "dataset.channels=3"]),
     (["stage=pretrain", "dataset.augment.crop_scale=[0.9,0.1]"], ["crop_scale=[0.9, 0.1]"]),
     (["stage.stages=[knn,nosuch]"], ["nosuch", "linear_probe"]),
+    (["stage=linear_probe", "pretrained=random", "stage.protocol=dino"], ["stage.protocol='dino'", "augmented"]),
+    (["stage=pretrain", "method=byol", "+method.views.common.sharpen=0.5"], ["method.views.common.sharpen", "blur_prob"]),
     (["stage=pretrain", "stage.batch_size=5000"], ["batch_size=5000"]),
     (["dataset.image_size=0"], ["dataset.image_size=0", "1..2048"]),
 ]

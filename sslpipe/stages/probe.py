@@ -62,22 +62,27 @@ def head_lr_scale(st) -> LrScale:
 
 
 def run_probe(ctx: Context, params: dict, fit: Callable[[torch.Tensor, torch.Tensor], Fitted], title: str,
-              feature_batch: int = 512, lr_scale: LrScale | None = None) -> StageResult:
+              feature_batch: int = 512, lr_scale: LrScale | None = None,
+              fit_images: Callable[[nn.Module, object, nn.Module], Fitted] | None = None) -> StageResult:
     """Evaluate `pretrained=` with the probe that `fit(train_features, train_labels)` builds;
     `params` are its protocol settings (logged as `protocol.<name>`); a head that trains passes
-    its `lr_scale`, logged as the global batch and effective rate."""
+    its `lr_scale`, logged as the global batch and effective rate. A probe that trains on fresh
+    views of the train images instead (the published linear protocol) passes
+    `fit_images(backbone, train_split, normalize)`: no train features are cached then."""
     cfg = ctx.cfg
     splits = build_splits(ctx, labelled=True)
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, cfg.stage.name, cfg.tracking.uri)
     with stage_run(ctx) as run:
         run.log_params({**protocol_params(ctx, **params), "pretrained.source": source,
-                        **(lr_scale.params(lr=cfg.stage.lr) if lr_scale else {})})
+                        **(lr_scale.params(lr=params.get("lr", cfg.stage.get("lr"))) if lr_scale else {})})
         norm = normalizer(ctx)
+        named = [("train", splits.train)] if fit_images is None else []
         feats = {name: extract_features(backbone, split, norm, ctx.device, feature_batch)
-                 for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test)) if split is not None}
+                 for name, split in (*named, ("val", splits.val), ("test", splits.test)) if split is not None}
         ctx.run_dir.mkdir(parents=True, exist_ok=True)  # where the probe writes its head
-        fitted = fit(feats["train"], splits.train.labels)
+        fitted = (fit(feats["train"], splits.train.labels) if fit_images is None
+                  else fit_images(backbone, splits.train, norm.to(ctx.device)))
         with torch.no_grad():
             predictions = {name: (split.labels, fitted.classify(feats[name]))
                            for name, split in (("val", splits.val), ("test", splits.test)) if split is not None}
