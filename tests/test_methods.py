@@ -165,6 +165,25 @@ def test_head_last_layer_is_frozen_only_early(name, digits_batch):
         assert unchanged == frozen, f"{name}: last layer unchanged={unchanged} at progress {progress}"
 
 
+def test_swav_prototypes_are_frozen_only_early(digits_batch):
+    """freeze_prototypes_fraction=0.1: the optimizer (AdamW with weight decay) leaves SwaV's
+    prototypes bitwise unchanged at progress 0 while the projection head moves; at 0.5 they move."""
+    method, cfg = build_method("swav", "method.freeze_prototypes_fraction=0.1")
+    images, labels = digits_batch
+    views = make_views(method, cfg, images)
+    prototypes, head = list(method.prototypes.parameters()), list(method.projector.parameters())
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for progress, frozen in ((0.0, True), (0.5, False)):
+        optimizer.zero_grad()
+        loss = method.training_step(views, labels, progress)  # normalises the prototypes first
+        before = [p.detach().clone() for p in prototypes], [p.detach().clone() for p in head]
+        loss.backward()
+        method.before_optimizer_step(progress)
+        optimizer.step()
+        assert all(not torch.equal(a, p) for a, p in zip(before[1], head)), f"head at {progress}"
+        assert all(torch.equal(a, p) for a, p in zip(before[0], prototypes)) == frozen, f"prototypes at {progress}"
+
+
 def test_ibot_position_embedding_trains(digits_batch):
     """With `pos_embed: learn` (the paper, as DINO; conf/experiment/ibot_vits4_cifar10.yaml) iBOT
     learns its position embedding, and its teacher follows; MAE's fixed sine-cosine does not train."""

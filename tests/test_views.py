@@ -72,6 +72,15 @@ def test_mae_takes_one_crop_and_flip_only():
     assert global_ops(views) == [{"crop": (0.2, 1.0), "flip": 0.5}]
 
 
+def test_swav_multi_crop():
+    """SwaV appendix A: crops 0.14-1 and 0.05-0.14, SimCLR's colour ops, blur on every crop."""
+    views = built_views("method=swav", *RGB, "method.views.local_views=6")
+    simclr_jitter = (0.8, 0.8, 0.8, 0.8, 0.2)
+    every = {"flip": 0.5, "jitter": simclr_jitter, "grayscale": 0.2, "blur": 0.5}
+    assert global_ops(views) == [{"crop": (0.14, 1.0), **every}] * 2
+    assert ops(views.local_aug) == {"crop": (0.05, 0.14), **every} and views.local_views == 6
+
+
 def test_dino_multi_crop_from_the_command_line():
     views = built_views("method=dino", *RGB, "method.views.local_views=4", "method.views.local_size=24",
                         "method.views.local_crop_scale=[0.1,0.3]")
