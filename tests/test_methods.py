@@ -184,6 +184,55 @@ def test_swav_prototypes_are_frozen_only_early(digits_batch):
         assert all(torch.equal(a, p) for a, p in zip(before[0], prototypes)) == frozen, f"prototypes at {progress}"
 
 
+def test_ibot_shared_head_takes_one_teacher_update(digits_batch):
+    """shared_head (the paper's default): the patch head is the class head, and after_step moves
+    its teacher by one EMA step, not two; shared_head=false keeps two heads that both train."""
+    from sslpipe.methods.ema import momentum_at
+
+    method, cfg = build_method("ibot")
+    assert method.patch_head is method.projector and method.teacher_patch_head is method.teacher_projector
+    with torch.no_grad():
+        for p in method.projector.parameters():
+            p.add_(1.0)
+    student = [p.detach().clone() for p in method.projector.parameters()]
+    teacher = [p.detach().clone() for p in method.teacher_projector.parameters()]
+    method.after_step(0.0)
+    m = momentum_at(0.0, method.momentum_start, method.momentum_end)
+    for t0, s0, t1 in zip(teacher, student, method.teacher_projector.parameters()):
+        assert torch.allclose(t1, m * t0 + (1 - m) * s0, atol=1e-6)
+    separate, cfg = build_method("ibot", "method.shared_head=false")
+    assert separate.patch_head is not separate.projector
+    images, labels = digits_batch
+    separate.training_step(make_views(separate, cfg, images), labels, 0.5).backward()
+    assert all(p.grad is not None for p in separate.patch_head.parameters() if p.requires_grad)
+
+
+def test_ibot_patch_centre_averages_every_patch_token(digits_batch):
+    """With centre momentum 0 the patch centre after a step is the batch statistic: the mean
+    teacher output over every patch token of both global views, not over the masked ones only."""
+    method, cfg = build_method("ibot", "method.center_momentum=0.0", "method.batch_norm=false")
+    images, labels = digits_batch
+    views = make_views(method, cfg, images)
+    method.training_step(views, labels, 0.5)
+    with torch.no_grad():
+        tokens = method.teacher.encode(torch.cat(views[:2]))[:, method.backbone.num_prefix_tokens:]
+        expected = method.teacher_patch_head(tokens.flatten(0, 1)).mean(0, keepdim=True)
+    assert torch.allclose(method.patch_loss.center.value, expected, atol=1e-5)
+
+
+def test_ibot_local_crops_reach_the_loss(digits_batch):
+    """Local crops (method.views.local_views) go through the student's class head: the loss
+    differs from the same step without them."""
+    method, cfg = build_method("ibot", "method.views.local_views=2", "method.views.local_size=8")
+    assert method.local_views == 2
+    images, labels = digits_batch
+    views = make_views(method, cfg, images)
+    assert [v.shape[-1] for v in views] == [16, 16, 8, 8]
+    with_locals = method.training_step(views, labels, 0.5)
+    without = build_method("ibot")[0].training_step(views[:2], labels, 0.5)
+    assert torch.isfinite(with_locals) and not torch.isclose(with_locals, without)
+
+
 def test_ibot_position_embedding_trains(digits_batch):
     """With `pos_embed: learn` (the paper, as DINO; conf/experiment/ibot_vits4_cifar10.yaml) iBOT
     learns its position embedding, and its teacher follows; MAE's fixed sine-cosine does not train."""

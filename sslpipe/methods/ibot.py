@@ -40,15 +40,19 @@ class IBOT(nn.Module):
 
     Shapes: views 2 x (B, C, H, W) -> tokens (2B, 1 + N, D) -> class head (2B, output_dim),
     patch head (masked tokens, output_dim). Seed 003's recipe: ViT-S/4 on 32 px CIFAR-10,
-    100 epochs (conf/experiment/ibot_vits4_cifar10.yaml). Separate class and patch heads
-    (iBOT's default for the student); teacher T 0.04 -> 0.07, momentum 0.996 -> 1 (paper).
+    100 epochs (conf/experiment/ibot_vits4_cifar10.yaml). `shared_head`: one head for the class
+    and the patch tokens (the paper's ViT recipes, --shared_head true), else two; `local_views`
+    small crops go through the student's class head only, against the teacher's global views
+    (multi-crop, as DINO); the patch centre is the mean teacher output over every patch token
+    of the global views, masked or not (the paper's update_center), over all ranks; teacher T
+    0.04 -> 0.07, momentum 0.996 -> 1 (paper).
 
     Under DDP the patch head's BatchNorm (`batch_norm: true`) normalises each rank's masked
     patch tokens, whose number varies per rank: N ranks and one process differ there (and
     only there; tests/test_equivalence.py compares them with `batch_norm=false`).
     """
 
-    global_views, local_views, needs_labels, needs_vit = 2, 0, False, True
+    global_views, needs_labels, needs_vit = 2, False, True
     evaluated_encoder = "teacher"  # as DINO: the paper evaluates the teacher (ema.saved_encoder)
     objective = "ibot_masked_self_distillation"
 
@@ -58,16 +62,19 @@ class IBOT(nn.Module):
                  student_temperature: float = 0.1, warmup_teacher_temperature: float = 0.04,
                  teacher_temperature: float = 0.07, warmup_teacher_fraction: float = 0.3,
                  center_momentum: float = 0.9, momentum_start: float = 0.996, momentum_end: float = 1.0,
-                 batch_norm: bool = False, freeze_last_layer_fraction: float = 0.0, pos_embed: str = "learn"):
+                 batch_norm: bool = False, freeze_last_layer_fraction: float = 0.0, pos_embed: str = "learn",
+                 shared_head: bool = True, norm_last_layer: bool = True, local_views: int = 0):
         super().__init__()
         require_vit(backbone, "ibot")
-        self.backbone = backbone
+        self.backbone, self.local_views, self.shared_head = backbone, local_views, shared_head
         # wraps (and shares) the backbone's weights; position embedding learnt (the paper, as DINO's
         # ViTs) rather than lightly's default fixed sine-cosine (MAE's choice)
         self.student = MaskedVisionTransformerTIMM(vit=backbone, pos_embed_initialization=pos_embed)
         head = (backbone.num_features, proj_hidden_dim, bottleneck_dim, output_dim)
-        self.projector, self.teacher_projector = dino_heads(*head, batch_norm=batch_norm)
-        self.patch_head, self.teacher_patch_head = dino_heads(*head, batch_norm=batch_norm)
+        self.projector, self.teacher_projector = dino_heads(*head, batch_norm=batch_norm,
+                                                            norm_last_layer=norm_last_layer)
+        self.patch_head, self.teacher_patch_head = (self.projector, self.teacher_projector) if shared_head else \
+            dino_heads(*head, batch_norm=batch_norm, norm_last_layer=norm_last_layer)
         self.freeze_last_layer_fraction = freeze_last_layer_fraction
         self.teacher = frozen_copy(self.student)
         self.cls_loss = DINOLoss(output_dim=output_dim, student_temp=student_temperature,
@@ -110,8 +117,9 @@ class IBOT(nn.Module):
             t_tokens = self.teacher.encode(images)
             t_cls = self.teacher_projector(t_tokens[:, 0])
         s_tokens = self.student.encode(images, mask=torch.cat([prefix, patches], dim=1))
-        s_cls = self.projector(s_tokens[:, 0])
-        loss = self.cls_loss(list(t_cls.chunk(2)), list(s_cls.chunk(2)), teacher_temp=t_temp)
+        s_cls = list(self.projector(s_tokens[:, 0]).chunk(2))
+        s_cls += [self.projector(self.student.encode(v)[:, 0]) for v in views[self.global_views:]]  # local crops
+        loss = self.cls_loss(list(t_cls.chunk(2)), s_cls, teacher_temp=t_temp)
         if not any(drawn):  # the whole global batch drew no mask: no patch loss on any rank, but
             # every trainable parameter takes part in the step (DDP reduces them all)
             return loss + 0.0 * sum(p.sum() for p in self.patch_head.parameters() if p.requires_grad)
@@ -120,17 +128,26 @@ class IBOT(nn.Module):
                                f"raise stage.batch_size or method.batch_mask_ratio (a rank's share of the "
                                f"masked images is drawn at random)")
         n = self.backbone.num_prefix_tokens
-        with torch.no_grad():
-            t_patch = self.teacher_patch_head(t_tokens[:, n:][patches])
+        with torch.no_grad():  # every patch token: the centre is their mean (below)
+            t_patch = self.teacher_patch_head(t_tokens[:, n:].flatten(0, 1)).unflatten(0, (len(images), -1))
         s_patch = self.patch_head(s_tokens[:, n:][patches])
-        return loss + self.patch_loss_weight * self.patch_loss(t_patch, s_patch, mask=mask, teacher_temp=t_temp)
+        centre = self.patch_loss.center
+        kept = centre.center.clone()
+        patch_loss = self.patch_loss(t_patch[patches], s_patch, mask=mask, teacher_temp=t_temp)
+        # lightly's loss updates the centre from the masked tokens it is given; iBOT's update_center
+        # averages the teacher's output over every patch token of the global views
+        centre.center = kept
+        centre.update(t_patch.flatten(0, 1))
+        return loss + self.patch_loss_weight * patch_loss
 
     def before_optimizer_step(self, progress: float) -> None:
-        cancel_last_layer([self.projector, self.patch_head], progress, self.freeze_last_layer_fraction)
+        heads = [self.projector] if self.shared_head else [self.projector, self.patch_head]
+        cancel_last_layer(heads, progress, self.freeze_last_layer_fraction)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
         m = momentum_at(progress, self.momentum_start, self.momentum_end)
         ema_update(self.student, self.teacher, m)
         ema_update(self.projector, self.teacher_projector, m)
-        ema_update(self.patch_head, self.teacher_patch_head, m)
+        if not self.shared_head:  # a shared head is one module: one update
+            ema_update(self.patch_head, self.teacher_patch_head, m)
