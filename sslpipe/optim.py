@@ -55,3 +55,21 @@ def schedule_weight_decay(optimizer: torch.optim.Optimizer, progress: float, end
         start = group.setdefault("initial_weight_decay", group["weight_decay"])
         if start > 0:
             group["weight_decay"] = end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def optimizer_config(stage, method):
+    """The optimizer node a pretraining run builds: the stage's (`stage.optimizer`, default), or
+    with `stage.optimizer_from=method` the one the method's paper trains with (`optim.optimizer`
+    in its yaml: LARS for SimCLR / BYOL / Barlow Twins / VICReg / SwaV, SGD for MoCo v1/v2 and
+    SimSiam, AdamW for DINO / iBOT / MAE), its lr per 256 images as the paper gives it."""
+    source = stage.get("optimizer_from", "stage")
+    if source == "stage":
+        return stage.optimizer
+    if source != "method":
+        raise ValueError(f"stage.optimizer_from={source!r}: choose stage (stage.optimizer) or method (the "
+                         "paper's optimizer in the method's yaml, optim.optimizer)")
+    node = (method.get("optim") or {}).get("optimizer")
+    if node is None:
+        raise ValueError(f"stage.optimizer_from=method: {method.name}'s yaml gives no optim.optimizer (its paper's "
+                         "optimizer); use stage.optimizer_from=stage")
+    return node

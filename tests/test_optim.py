@@ -98,3 +98,54 @@ def test_pretrain_uses_the_groups_the_schedule_and_the_methods_clip(cli):
     client = MlflowClient(tracking_uri=cli.store)
     [run] = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])
     assert run.data.params["method.optim.clip_grad"] == "3.0"  # dino.yaml's paper value reaches the run
+
+
+# Each paper's optimizer (class, lr per 256 images, weight decay), as cited in the method yamls.
+PAPER_OPTIMIZERS = {
+    "simclr": ("LARS", 0.3, 1e-6), "byol": ("LARS", 0.2, 1.5e-6), "barlowtwins": ("LARS", 0.2, 1.5e-6),
+    "vicreg": ("LARS", 0.2, 1e-6), "swav": ("LARS", 0.3, 1e-6), "mocov3": ("LARS", 0.6, 1e-6),
+    "mocov1": ("SGD", 0.03, 1e-4), "mocov2": ("SGD", 0.03, 1e-4), "simsiam": ("SGD", 0.05, 1e-4),
+    "supcon": ("SGD", 0.05, 1e-4), "dino": ("AdamW", 5e-4, 0.04), "ibot": ("AdamW", 5e-4, 0.04),
+    "mae": ("AdamW", 1.5e-4, 0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_OPTIMIZERS))
+def test_optimizer_from_method_builds_the_papers(name):
+    from sslpipe.config import build, compose
+    from sslpipe.optim import optimizer_config
+
+    cfg = compose(["stage=pretrain", f"method={name}", "stage.optimizer_from=method"])
+    node = optimizer_config(cfg.stage, cfg.method)
+    optimizer = build(node)([torch.nn.Parameter(torch.zeros(2))], lr=node.lr)
+    kind, lr, weight_decay = PAPER_OPTIMIZERS[name]
+    assert type(optimizer).__name__ == kind
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(weight_decay)
+    # the default stays the stage's own (the digits runs of the README were measured with it)
+    default = compose(["stage=pretrain", f"method={name}"])
+    assert optimizer_config(default.stage, default.method)._target_ == "torch.optim.AdamW"
+
+
+def test_pretrain_trains_with_the_papers_optimizer_at_its_scaled_rate(cli):
+    out = cli("stage=pretrain", "method=byol", "stage.optimizer_from=method", "device=cpu", "stage.epochs=1",
+              "stage.max_steps=2", "stage.batch_size=64", "tracking.log_checkpoints=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = torch.load(next((cli.cwd / "outputs").rglob("last.pt")), map_location="cpu", weights_only=False)
+    groups = saved["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 1.5e-6] and "trust_coefficient" in groups[0]  # LARS
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cli.store)
+    [run] = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])
+    assert run.data.params["train.optimizer"] == "LARS"
+    assert float(run.data.params["train.lr"]) == pytest.approx(0.2 * 64 / 256)  # BYOL: 0.2 per 256 images
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["method=autoencoder", "stage.optimizer_from=method"], "autoencoder's yaml gives no optim.optimizer"),
+    (["stage.optimizer_from=paper"], "stage.optimizer_from='paper'"),
+])
+def test_optimizer_from_refuses_what_it_cannot_build(cli, overrides, named):
+    out = cli("stage=pretrain", "device=cpu", "stage.max_steps=1", *overrides)
+    assert out.returncode != 0 and named in out.stderr, out.stderr[-2000:]

@@ -19,7 +19,7 @@ from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale, Preempted
 from sslpipe.methods.ema import saved_encoder
 from sslpipe.monitor import Monitor, subset
-from sslpipe.optim import weight_decay_groups
+from sslpipe.optim import optimizer_config, weight_decay_groups
 from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
 from sslpipe.speed import build_optimizer, device_pool, prepare_model
@@ -103,11 +103,13 @@ def run(ctx: Context) -> StageResult:
         method.fit_data(len(splits.train), loader.batch_size)
     method = method.to(ctx.device)
     method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # sslpipe.speed
-    # stage.optimizer.lr is per 256 images; the step's rate follows the global batch (engine.LrScale)
+    # the stage's optimizer or the method paper's (stage.optimizer_from); its lr is per 256 images and
+    # the step's rate follows the global batch (engine.LrScale)
+    opt = optimizer_config(st, cfg.method)
     lr_scale = LrScale.of_run(st.lr_scaling, loader.batch_size, st.grad_accum)
-    factory = functools.partial(build(st.optimizer), lr=lr_scale(st.optimizer.lr))
+    factory = functools.partial(build(opt), lr=lr_scale(opt.lr))
     # no weight decay (nor LARS adaptation) on biases, norms, position embeddings, tokens (sslpipe.optim)
-    groups = weight_decay_groups(method, st.optimizer.get("weight_decay", 0.0), st.weight_decay_exclude)
+    groups = weight_decay_groups(method, opt.get("weight_decay", 0.0), st.weight_decay_exclude)
     optimizer = build_optimizer(factory, groups, ctx.device)
 
     train_step = distributed.wrap(distributed.training_step_module(method), ctx.device,  # DDP when distributed
@@ -163,7 +165,8 @@ def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor |
     cfg = ctx.cfg
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
-        run.log_params(lr_scale.params(lr=cfg.stage.optimizer.lr))
+        opt = optimizer_config(cfg.stage, cfg.method)
+        run.log_params({**lr_scale.params(lr=opt.lr), "train.optimizer": opt._target_.rsplit(".", 1)[-1]})
         history: list[tuple[int, float, float]] = []
 
         def log_metrics(metrics: dict, step_no: int) -> None:
