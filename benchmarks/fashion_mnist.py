@@ -6,6 +6,9 @@ same splits (55,000 train / 5,000 val held out stratified / the 10,000 test imag
 
     python benchmarks/fashion_mnist.py --epochs 5 [--methods simclr byol] [--workdir DIR]
 
+A later call with the same --workdir reuses the runs it finds there (random init included) and
+adds the methods it lacks.
+
 Published references on the same test set (Xiao et al. 2017, the Fashion-MNIST README and its
 benchmark): logistic regression on pixels 0.842, SVC (RBF, C=10) 0.897, two-conv CNNs
 0.916-0.934. A script, not a test: hours for every method on 2 CPU cores. Each method's run is
@@ -56,7 +59,7 @@ def results(store: str, experiment: str) -> dict[str, float]:
     client = MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     out = {}
-    for run in client.search_runs([exp.experiment_id]):
+    for run in client.search_runs([exp.experiment_id]) if exp else []:
         stage = run.data.tags.get("sslpipe.stage")
         if stage == "pretrain":
             out["pretrain_s"] = (run.info.end_time - run.info.start_time) / 1000
@@ -106,7 +109,10 @@ def main() -> None:
     augmented = ["stage=linear_probe", "stage.protocol=augmented", f"stage.augmented.epochs={args.augmented_epochs}"]
     for name in ["random", *args.methods]:
         experiment = f"tracking.experiment=fmnist-{name}"
-        if name == "random":
+        done = results(store, f"fmnist-{name}")
+        if {"knn", "linear_probe", "linear_probe_augmented", "finetune"} <= done.keys():
+            print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
+        elif name == "random":
             for stage in ("knn", "linear_probe", "finetune"):  # a pipeline would pretrain first
                 epochs = [f"stage.epochs={args.finetune_epochs}"] if stage == "finetune" else []
                 cli([*common(args), f"stage={stage}", "pretrained=random", *epochs, experiment], work, store)
