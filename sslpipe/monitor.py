@@ -69,9 +69,21 @@ class Monitor:
 
     def __post_init__(self):
         self._since, self._since_step = time.perf_counter(), self.start_step
+        self._created, self._spent, self._last_cost = self._since, 0.0, None
 
     def due(self, step: int, total: int) -> bool:
-        return self.every > 0 and (step % self.every == 0 or step == total)
+        """On the interval (and at the last step). With a budget, also only while the checks so
+        far plus one more, at the last one's cost, stay within `budget` of the training time so
+        far (the whole run's account, so that neither the first checks of a short run nor the
+        final one push the total over); every rank takes the same decision (a check is a collective)."""
+        if self.every <= 0 or not (step % self.every == 0 or step == total):
+            return False
+        if not self.budget or self._last_cost is None:
+            return True
+        from sslpipe import distributed
+
+        trained = time.perf_counter() - self._created - self._spent
+        return all(distributed.gather_objects(self._spent + self._last_cost <= self.budget * trained))
 
     @torch.no_grad()
     def __call__(self, step: int, total: int) -> dict[str, float]:
@@ -100,7 +112,9 @@ class Monitor:
             log.warning("the embeddings look collapsed at step %d/%d (%s; online kNN %.3f). Lower the learning "
                         "rate, check the method's temperature / momentum / centring settings, or stop the run",
                         step, total, ", ".join(signs), metrics["online/knn_top1"])
-        self._keep_to_budget(step, started, time.perf_counter() - started)
+        cost = time.perf_counter() - started
+        self._spent, self._last_cost = self._spent + cost, cost
+        self._keep_to_budget(step, started, cost)
         return metrics
 
     def _keep_to_budget(self, step: int, started: float, spent: float) -> None:

@@ -75,3 +75,30 @@ def test_auto_interval_widens_to_keep_checks_within_budget():
     time.sleep(0.02)
     fixed(2, 1000)
     assert fixed.every == 2  # an explicit interval is kept
+
+
+def test_budget_is_kept_over_the_whole_run_final_check_included():
+    """With a budget, a check on the interval (or at the last step) is skipped while the checks
+    so far plus one more would exceed the budget of the training time so far; it runs again once
+    training has earned it."""
+    import time
+
+    from sslpipe.data import Split
+    from sslpipe.data.digits import load_digits
+    from sslpipe.data.views import Normalize
+    from sslpipe.monitor import Monitor
+    from tests.test_methods import build_method
+
+    method, _ = build_method("simclr")
+    splits = load_digits(image_size=16)
+    bank = Split(splits.train.images[:300], splits.train.labels[:300])
+    monitor = Monitor(method.backbone, bank, splits.val, Normalize([0.5], [0.5]), torch.device("cpu"), 10, every=2,
+                      budget=0.05)
+    assert monitor(2, 1000)  # the first check runs: nothing known of its cost yet
+    cost = monitor._last_cost
+    monitor.every = 2  # undo the widening: the whole-run account alone must hold the checks back
+    assert monitor(4, 1000) == {} and monitor(1000, 1000) == {}  # not even the final one
+    time.sleep(2 * cost / 0.05 + 0.05)  # training time that pays for both checks at 5 %
+    assert monitor(6, 1000)
+    trained = time.perf_counter() - monitor._created - monitor._spent
+    assert monitor._spent <= 0.05 * trained + monitor._last_cost
