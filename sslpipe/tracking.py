@@ -270,12 +270,19 @@ def resolve_run_checkpoint(spec: str, uri: str | None = None) -> str:
     return str(files[0])
 
 
+def default_store() -> str:
+    """The store a run launched from here writes to: MLFLOW_TRACKING_URI, else conf/config.yaml's
+    `tracking.uri`, `outputs/mlflow.db` under the launch folder (here)."""
+    return tracking_uri(f"sqlite:///{Path.cwd() / 'outputs' / 'mlflow.db'}")
+
+
 def replay(path: str | Path, uri: str | None = None) -> int:
-    """Write a spilled `unwritten-metrics-<run id>.jsonl` into the store; returns the count."""
+    """Write a spilled `unwritten-metrics-<run id>.jsonl` into the store (default: the project's,
+    `default_store()`); returns the count."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    client = MlflowClient(tracking_uri=uri or default_store())
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     for run_id in {r["run_id"] for r in rows}:
         metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows if r["run_id"] == run_id]
@@ -290,4 +297,7 @@ if __name__ == "__main__":  # python -m sslpipe.tracking replay <file> [<uri>]
 
     if len(sys.argv) < 3 or sys.argv[1] != "replay":
         sys.exit("usage: python -m sslpipe.tracking replay <unwritten-metrics-*.jsonl> [<tracking uri>]")
-    print(f"replayed {replay(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)} metric values")
+    store = sys.argv[3] if len(sys.argv) > 3 else default_store()
+    if not Path(sys.argv[2]).is_file():
+        sys.exit(f"replay: no file {sys.argv[2]!r}; give the unwritten-metrics-<run id>.jsonl named in the run's log")
+    print(f"replayed {replay(sys.argv[2], store)} metric values into {store}")

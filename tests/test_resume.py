@@ -238,6 +238,28 @@ def test_an_unavailable_store_never_stops_training_and_spills_what_it_could_not_
     assert _steps(tracker.client, real.id) == [1, 2, 3, 4, 5]
 
 
+def test_replay_defaults_to_the_projects_store(tmp_path):
+    """`python -m sslpipe.tracking replay <file>` with no URI writes into outputs/mlflow.db of
+    the folder it runs in (where `python -m sslpipe` writes), not MLflow's own default."""
+    import json
+
+    from sslpipe import tracking
+
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/outputs/mlflow.db", "sslpipe")
+    real = tracker.start_run("replayed", {})
+    rows = [{"run_id": real.id, "key": "train/loss", "value": 1.0 / s, "timestamp": 0, "step": s} for s in (1, 2, 3)]
+    (tmp_path / "spilled.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-m", "sslpipe.tracking", "replay", "spilled.jsonl"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "outputs/mlflow.db" in done.stdout, done.stderr[-2000:]
+    assert _steps(tracker.client, real.id) == [1, 2, 3]
+    assert not (tmp_path / "mlruns").exists()  # MLflow's own default store stayed untouched
+    missing = subprocess.run([sys.executable, "-m", "sslpipe.tracking", "replay", "nope.jsonl"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "nope.jsonl" in missing.stderr
+
+
 # ---------------------------------------------------------------- every method, killed and resumed
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
 STEPS = ["stage=pretrain", "device=cpu", "stage.epochs=3", "stage.max_steps=8", "stage.batch_size=32",
