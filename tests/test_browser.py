@@ -33,9 +33,15 @@ METHODS = ("simclr", "byol")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A sweep of two pretrain runs, written by sslpipe itself."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} missing (apt-get install chromium fonts-liberation; .ci/run does)")
-    pytest.importorskip("playwright.sync_api")
+    missing = [] if Path(CHROMIUM).exists() else [f"{CHROMIUM} (apt-get install chromium fonts-liberation)"]
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright (pip install playwright)")
+    if missing and os.environ.get("CI") == "true":  # CI installs both: a missing one must not pass as a skip
+        pytest.fail(f"CI=true but {' and '.join(missing)} missing; .ci/run installs them")
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} missing; .ci/run installs them")
     cwd = tmp_path_factory.mktemp("browser")
     out = run_cli(["-m", "stage=pretrain", f"method={','.join(METHODS)}", "stage.epochs=1", "stage.max_steps=3",
                    "stage.batch_size=64", "stage.log_every=1", "tracking.log_checkpoints=false"], cwd)
