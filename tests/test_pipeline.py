@@ -109,16 +109,23 @@ def test_export_loads_strictly_and_gives_same_features(pipeline_run):
 def test_probe_from_export_folder_and_runs_uri(pipeline_run):
     from conftest import run_cli
 
+    """The export folder and the pretrain run's URI hold the pipeline's own encoder: a kNN from
+    either scores exactly the pipeline's kNN test/top1 (same encoder, same data)."""
     cwd, _ = pipeline_run
     export = cwd / "outputs" / "run" / "export"
+    _, before = _runs(cwd)
+    [own] = [r.data.metrics["test/top1"] for r in before if r.data.tags.get("sslpipe.stage") == "knn"
+             and r.data.tags.get("sslpipe.pretrained") != "random"]
     out = run_cli(["stage=knn", f"pretrained={export}"], cwd)
     assert out.returncode == 0, out.stderr[-2000:]
     client, runs = _runs(cwd)
     knn = [r for r in runs if r.data.params.get("pretrained.source") == str(export)]
-    assert knn and knn[0].data.metrics["test/top1"] > 0.5
+    assert knn and knn[0].data.metrics["test/top1"] == own
     pre = [r for r in runs if r.data.tags.get("sslpipe.stage") == "pretrain"][0]
-    out = run_cli(["stage=knn", f"pretrained=runs:/{pre.info.run_id}"], cwd)
+    out = run_cli(["stage=knn", f"pretrained=runs:/{pre.info.run_id}", "tracking.experiment=from-uri"], cwd)
     assert out.returncode == 0, out.stderr[-2000:]
+    [from_uri] = client.search_runs([client.get_experiment_by_name("from-uri").experiment_id])
+    assert from_uri.data.metrics["test/top1"] == own
 
 
 def test_probe_without_pretrained_is_an_error(cli):
