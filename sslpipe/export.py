@@ -49,3 +49,34 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     snapshot = json.loads(path.read_text())
     return {k: torch.tensor(v["data"], dtype=getattr(torch, v.get("dtype", "float32"))).reshape(v["shape"])
             for k, v in snapshot.items()}
+
+
+def constructor(build: dict) -> dict:
+    """How another program builds the exported encoder's architecture, from the backbone's
+    config (`build`, less `name`): `timm.create_model(name, **kwargs)` where a stock timm model
+    with those kwargs is the same network (the ViTs with patch_size / img_size, any timm model
+    without the CIFAR stem), else sslpipe's builder, which no timm call reproduces (the CIFAR-stem
+    ResNets: timm's resnet with conv1 replaced by a 3x3/1 conv and no max-pool; the small CNNs)."""
+    build = {k: v for k, v in build.items() if k != "name"}
+    target = build.pop("_target_")
+    if target == "sslpipe.backbones.TimmBackbone" and not build.get("cifar_stem"):
+        build.pop("cifar_stem", None)
+        name = build.pop("model_name")
+        return {"call": "timm.create_model", "args": [name], "kwargs": {**build, "num_classes": 0}}
+    why = ("the CIFAR stem (3x3/1 conv1, no max-pool) is no stock timm model" if build.get("cifar_stem")
+           else "not a timm model")
+    return {"call": target, "args": [], "kwargs": build, "timm": f"none: {why}"}
+
+
+def load_encoder(folder: str | Path) -> torch.nn.Module:
+    """The exported encoder, built as the manifest's `backbone.constructor` says and loaded with
+    strict keys: one call for any export folder (`sslpipe.export.load_encoder(path)`)."""
+    import importlib
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    spec = manifest["backbone"]["constructor"]
+    module, _, name = spec["call"].rpartition(".")
+    model = getattr(importlib.import_module(module), name)(*spec["args"], **spec["kwargs"])
+    model.load_state_dict(read_tensors(folder / manifest["files"]["encoder"]["path"]), strict=True)
+    return model.eval()

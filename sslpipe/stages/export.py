@@ -1,7 +1,9 @@
 """stage=export: a folder that other tools load (seed 000's format, DESIGN.md section 4):
 manifest.json + encoder / projector / linear_head tensors as safetensors or JSON snapshots.
-The encoder's keys are the plain backbone's, so it loads strictly into
-`timm.create_model(<timm name>, num_classes=0)` (or sslpipe's builder for non-timm nets)."""
+The encoder's keys are the plain backbone's; the manifest's `backbone.constructor` names the call
+that builds its architecture (`timm.create_model(<name>, **kwargs)` where a stock timm model is
+that network, e.g. the ViTs with `patch_size=4, img_size=32`; sslpipe's builder where none is,
+e.g. the CIFAR-stem ResNets), and `sslpipe.export.load_encoder(folder)` does it in one call."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from sslpipe.checkpoint import load_encoder_state, pretrained_parts
-from sslpipe.export import FORMATS, read_tensors, write_tensors
+from sslpipe.export import FORMATS, constructor, read_tensors, write_tensors
 from sslpipe.stages import Context, StageResult, build_backbone, print_table, stage_run
 from sslpipe.tracking import git_commit
 
@@ -25,6 +27,7 @@ COMPATIBLE = ["st-vision/classification", "st-nn/linear-probe", "st-nn/fine-tune
 def _manifest(ctx: Context, files: dict, run_id: str | None, source: str, num_features: int) -> dict:
     cfg, st = ctx.cfg, ctx.cfg.stage
     backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+    made = constructor(backbone_cfg)
     return {
         "format_version": FORMAT_VERSION,
         "variant": st.variant or f"{cfg.backbone.name}-{cfg.method.name}",
@@ -32,7 +35,9 @@ def _manifest(ctx: Context, files: dict, run_id: str | None, source: str, num_fe
         "method": cfg.method.name,
         "backbone": {
             "name": cfg.backbone.name,
-            "timm_name": backbone_cfg.get("model_name"),
+            "constructor": made,
+            # only where timm.create_model(timm_name, **constructor kwargs) is the network
+            "timm_name": made["args"][0] if made["call"] == "timm.create_model" else None,
             "num_features": num_features,
             "input_size": [cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size],
             "normalization": OmegaConf.to_container(cfg.dataset.norm, resolve=True),
