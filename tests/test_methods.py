@@ -419,15 +419,23 @@ def test_supcon_loss_matches_reference():
     assert supcon_loss(z, labels, 0.1).item() == pytest.approx(_supcon_reference(z.numpy(), labels.numpy(), 0.1))
 
 
-def test_autoencoder_loss_is_pixel_mse():
-    method, cfg = build_method("autoencoder", "method.noise_std=0.0")
+def test_autoencoder_regresses_the_clean_view_from_a_noisy_one():
+    """Noise on (std 0.5): the loss is the numpy pixel MSE between the reconstruction of the
+    noisy input (the same noise draw, from the same seed) and the clean view, and not the MSE
+    against the noisy one."""
+    method, cfg = build_method("autoencoder", "method.noise_std=0.5")
     method.eval()  # fixed BN statistics, so the reference forward is the same function
     x = torch.randn(4, 1, 16, 16)
+    torch.manual_seed(7)
+    noisy = x + 0.5 * torch.randn(4, 1, 16, 16)
     with torch.no_grad():
-        recon = method.projector(method.backbone(x))
-        expected = float(((recon - x) ** 2).sum() / x.numel())
-        assert recon.shape == x.shape
-        assert method.training_step([x], torch.zeros(4), 0.0).item() == pytest.approx(expected, rel=1e-6)
+        recon = method.projector(method.backbone(noisy)).numpy()
+        expected = float(np.mean((recon - x.numpy()) ** 2))
+        against_noisy = float(np.mean((recon - noisy.numpy()) ** 2))
+        torch.manual_seed(7)
+        got = method.training_step([x], torch.zeros(4), 0.0).item()
+    assert recon.shape == tuple(x.shape)
+    assert got == pytest.approx(expected, rel=1e-5) and abs(got - against_noisy) > 1e-2
 
 
 # ---------------------------------------------------------------------------- pairing + experiments
