@@ -23,9 +23,26 @@ def _app(cfg: DictConfig) -> dict | None:
     except Exception as err:  # noqa: BLE001 - one clear line, the traceback only on request
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if not is_user_error(err):  # a TypeError, KeyError, ...: sslpipe's bug, not the input
+            import traceback
+
+            traceback.print_exc()
+            print(f"sslpipe: internal error (a bug, not your input; please report it): {type(err).__name__}: {err}",
+                  file=sys.stderr)
+            sys.exit(1)
         print(f"sslpipe: error: {err}", file=sys.stderr)
         print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def is_user_error(err: Exception) -> bool:
+    """What bad input, missing files or a failing run raise: ValueError, OSError, RuntimeError
+    (sslpipe's own errors subclass these, as do torch's and timm's for a bad value) and MLflow's
+    store errors (matched by name: importing mlflow here would slow `--help`). Anything else
+    escaping a stage (TypeError, KeyError, AttributeError, ...) is a bug and is reported as one."""
+    return isinstance(err, (ValueError, OSError, RuntimeError)) or \
+        any(c.__name__ == "MlflowException" for c in type(err).__mro__)
+
 
 
 def unknown_key_hint(args: list[str]) -> str | None:
