@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -17,7 +18,9 @@ log = logging.getLogger(__name__)
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the
-    old file or the new one, never a torn one."""
+    old file or the new one, never a torn one. Temp files of this path that a killed earlier
+    process left behind (SIGKILL runs no cleanup) are removed once the new file is in place;
+    one process writes a given checkpoint path, so none of them is still being written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,6 +33,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -62,3 +62,13 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path):
         ckpt.atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert ckpt.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
+    # A SIGKILL mid-save leaves `.last.pt.<random>.tmp` (no except clause runs); the next
+    # successful save of the same path removes it, and leaves other files alone.
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".best.pt.def456.tmp").write_bytes(b"another path's temp")
+    ckpt.atomic_save({"step": 5}, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.def456.tmp", "last.pt"]
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 5
