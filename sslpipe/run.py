@@ -25,7 +25,8 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict:
     validate(cfg)  # before anything is built or written
 
     from sslpipe import distributed
-    from sslpipe.engine import resolve_device
+    from sslpipe.engine import Preempted, resolve_device
+    from sslpipe.preempt import StopSignal
     from sslpipe.seeding import seed_process
     from sslpipe.stages import Context, dispatch
     from sslpipe.tracking import Tracker
@@ -36,9 +37,19 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict:
     folder = distributed.broadcast_object(folder or run_dir())
     seed_process(cfg.seed)  # alike on every rank: models are built equal (sslpipe.seeding)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    ctx = Context(cfg=cfg, run_dir=folder, device=device, tracker=tracker)
+    # SIGUSR2 / SIGTERM: every training loop checkpoints at its next step and raises Preempted;
+    # here the job is then handed to whoever requeues it (sslpipe.preempt). One handler for the
+    # whole process, so a pipeline's fine-tune or segment step stops as its pretrain does.
+    stop = StopSignal().install()
+    ctx = Context(cfg=cfg, run_dir=folder, device=device, tracker=tracker, stop=stop)
     started = time.monotonic()
-    result = dispatch(ctx)
+    try:
+        result = dispatch(ctx)
+    except Preempted as stopped:
+        log.warning("%s", stopped)
+        stop.hand_over()  # requeue (submitit / sbatch) and exit; never returns
+    finally:
+        stop.restore()
     if cfg.stage.name != "pipeline":  # the pipeline writes its chain's table itself
         _results_table(ctx, result.metrics, time.monotonic() - started)
     return result.metrics

@@ -4,6 +4,7 @@ step twice. DDP on two gloo processes; eight writers on one SQLite store lose no
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -126,6 +127,73 @@ def test_sigusr2_checkpoints_at_the_next_step_and_exits_then_resumes(tmp_path, r
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert _steps(client, runs[0].info.run_id) == list(range(1, 121))
     assert_same_weights(reference, run_dir)
+
+
+# ---------------------------------------------------------------- a pipeline stopped in fine-tune
+# pretrain (30 steps) -> knn -> fine-tune (60 steps, a checkpoint every 20) -> export, on digits
+PIPELINE = ["stage=pipeline", "stage.stages=[knn,finetune,export]", "stage.baseline=[]", "backbone.width=8",
+            "backbone.num_features=32", "stage.pretrain.max_steps=30", "stage.pretrain.batch_size=64",
+            "stage.finetune.epochs=10", "stage.finetune.max_steps=60", "stage.finetune.batch_size=64",
+            "stage.finetune.checkpoint_every=20", "stage.finetune.log_every=1"]
+
+
+def pipeline_runs(cwd: Path) -> tuple[object, object, dict[str, list]]:
+    """The store's one pipeline parent run, and its children by stage."""
+    client, runs = _runs(cwd)
+    parents = [r for r in runs if r.data.tags["sslpipe.stage"] == "pipeline"]
+    assert len(parents) == 1, [r.data.tags["sslpipe.stage"] for r in runs]  # one parent across attempts
+    children: dict[str, list] = {}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id:
+            children.setdefault(r.data.tags["sslpipe.stage"], []).append(r)
+    return client, parents[0], children
+
+
+def assert_resumed_pipeline_matches(cwd: Path, run_dir: Path, reference: Path) -> None:
+    """One FINISHED parent, each child once and FINISHED, fine-tune's steps each logged once,
+    and fine-tune's weights bitwise those of the uninterrupted pipeline."""
+    client, parent, children = pipeline_runs(cwd)
+    assert parent.info.status == "FINISHED"
+    assert {k: len(v) for k, v in children.items()} == {"pretrain": 1, "knn": 1, "finetune": 1, "export": 1}
+    assert all(r.info.status == "FINISHED" for rs in children.values() for r in rs)
+    assert _steps(client, children["finetune"][0].info.run_id) == list(range(1, 61))
+    got = ckpt.load(run_dir / "finetune" / "checkpoints" / "last.pt")["model"]
+    want = ckpt.load(reference / "finetune" / "checkpoints" / "last.pt")["model"]
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), f"fine-tune {k} differs"
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory):
+    """An uninterrupted PIPELINE, seed 0, one thread: its run folder."""
+    cwd = tmp_path_factory.mktemp("pipeline-reference")
+    done = _cli([*PIPELINE, "hydra.run.dir=outputs/reference"], cwd, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd / "outputs" / "reference"
+
+
+@pytest.mark.slow
+def test_pipeline_stopped_in_finetune_resumes_into_one_parent_run(tmp_path, pipeline_reference):
+    run_dir = tmp_path / "outputs" / "job"
+    proc = _popen([*PIPELINE, f"hydra.run.dir={run_dir}"], tmp_path)
+    in_finetune = run_dir / "finetune" / "checkpoints" / "last.pt"
+    assert _wait_for(in_finetune.exists, proc, timeout=300), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    stopped_at = ckpt.load(in_finetune)["loop"]["step"]
+    assert 20 <= stopped_at < 60, stopped_at
+    journal = json.loads((run_dir / "pipeline.json").read_text())
+    assert sorted(journal["steps"]) == ["knn", "pretrain"]          # finished steps, not the stopped one
+    _, parent, children = pipeline_runs(tmp_path)
+    assert parent.info.status == "KILLED" and children["finetune"][0].info.status == "KILLED"
+
+    done = _cli([*PIPELINE, f"hydra.run.dir={run_dir}"], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| finetune |" in done.stdout
+    assert f"resumed from {in_finetune}" in (run_dir / "cli.log").read_text()
+    assert_resumed_pipeline_matches(tmp_path, run_dir, pipeline_reference)
 
 
 # ---------------------------------------------------------------- DDP on two gloo processes

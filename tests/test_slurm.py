@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from test_resume import _runs, _steps, assert_same_weights
+from test_resume import PIPELINE as STOPPED_PIPELINE
+from test_resume import (_runs, _steps, assert_resumed_pipeline_matches, assert_same_weights,  # noqa: F401
+                         pipeline_reference)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -240,6 +242,30 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, reference)
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
     assert "by a signal" in logs and "resumed from" in logs, logs[-3000:]
     _requeued_run_matches_reference(tmp_path, run_dir, reference, job)
+
+
+def test_pipeline_preempted_in_finetune_requeues_into_one_parent_run(tmp_path, pipeline_reference):
+    """stage=pipeline as a submitit job, SIGUSR2 while it fine-tunes: the job checkpoints and
+    is requeued; the requeued attempt reopens the parent run, skips pretrain and kNN, resumes
+    fine-tune from its checkpoint, then exports: one parent, each child once, fine-tune
+    weights bitwise those of the uninterrupted pipeline (tests/test_resume.py)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
+                             *STOPPED_PIPELINE], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "multirun" / "0"
+    try:
+        wait_until(lambda: (run_dir / "finetune" / "checkpoints" / "last.pt").exists(), 300, "fine-tune's first checkpoint",
+                   poll=0.05)
+        job = submitit_jobs(tmp_path / "multirun")[0]
+        sh(["scancel", "--signal=USR2", job], tmp_path)
+        out = wait_releasing_requeued(proc, 300)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, out[-3000:]
+    assert "REQUEUED" in settled_states(job), sacct_states(job)
+    logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
+    assert "stopped at step" in logs and "finetune/checkpoints/last.pt at step" in logs, logs[-3000:]
+    assert_resumed_pipeline_matches(tmp_path, run_dir, pipeline_reference)
 
 
 def test_time_limit_signal_requeues_and_resumes(tmp_path):

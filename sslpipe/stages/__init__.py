@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sslpipe.config import build, flatten
 from sslpipe.data import Splits, concat, data_ratio_subset, stratified_fraction
 from sslpipe.distributed import world_size
+from sslpipe.preempt import StopSignal
 from sslpipe.tracking import Run, Tracker
 from sslpipe.validate import redact
 
@@ -32,6 +33,11 @@ class Context:
     parent_id: str | None = None
     run_name_suffix: str = ""
     loader: str | None = None   # memory | stream: how build_splits read the data (an MLflow tag)
+    stop: StopSignal | None = None  # SIGUSR2 / SIGTERM seen (sslpipe.preempt): training loops poll it
+
+    def should_stop(self) -> bool:
+        """Whether any rank caught a stop signal; a collective under DDP (every rank asks)."""
+        return self.stop is not None and self.stop.requested()
 
     def for_stage(self, name: str, pretrained: str | None, sub_dir: str, suffix: str = "") -> "Context":
         """The context of one pipeline step: cfg.stage replaced by cfg.stage.<name>."""
@@ -39,7 +45,8 @@ class Context:
         with open_dict(cfg):
             cfg.stage = self.cfg.stage[name]
             cfg.pretrained = pretrained
-        return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix, self.loader)
+        return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix, self.loader,
+                       self.stop)
 
 
 @dataclass
@@ -74,15 +81,21 @@ def tags(ctx: Context) -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(ctx: Context, run_id: str | None = None):
     """Open this stage's MLflow run (or reopen `run_id` on resume), log tags, params and the
-    resolved config.yaml; mark it FAILED if the stage raises, FINISHED otherwise."""
+    resolved config.yaml; mark it KILLED when a stop signal ends it (the requeued job reopens
+    it), FAILED if the stage raises, FINISHED otherwise."""
     cfg = ctx.cfg
     name = cfg.tracking.run_name or f"{cfg.stage.name}-{cfg.method.name}-{cfg.backbone.name}-{cfg.dataset.name}"
     run = ctx.tracker.start_run(name + ctx.run_name_suffix, tags(ctx), parent_id=ctx.parent_id, run_id=run_id)
     if run_id is None:
         run.log_params(flatten(cfg))
         run.log_text(redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+    from sslpipe.engine import Preempted
+
     try:
         yield run
+    except Preempted:
+        run.end("KILLED")
+        raise
     except BaseException:
         run.end("FAILED")
         raise

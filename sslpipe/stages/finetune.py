@@ -111,7 +111,7 @@ def run(ctx: Context) -> StageResult:
     settings = LoopSettings.of_stage(st)
     progress = Progress("finetune", mode=None if rank() == 0 else "off")
     loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
-                progress=progress, seed=cfg.seed)
+                progress=progress, seed=cfg.seed, should_stop=ctx.should_stop)
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id

@@ -1,13 +1,25 @@
 """stage=pipeline: pretrain, then each step of `stage.stages` on the pretrained encoder, and
 the `stage.baseline` steps on pretrained=random; one parent MLflow run, a nested child run
 per step, and a results table of every step's headline numbers (top-1 / macro F1 for the
-classifiers, IoU / F1 for segment), printed and logged as results.md / results.json."""
+classifiers, IoU / F1 for segment), printed and logged as results.md / results.json.
+
+Preemption: `pipeline.json` in the run folder records the parent run's id and each finished
+step's result. A requeued (or rerun) job reopens the same parent run, skips the steps already
+done, and the interrupted step resumes from its own checkpoint into its own child run, so a
+job preempted in fine-tune ends as one parent run with each child once. A stop signal that
+arrives during a step without a training loop (kNN, cached probes, export) ends the job after
+that step."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from omegaconf import open_dict
+
+from sslpipe import distributed
+from sslpipe.engine import Preempted
 
 from sslpipe.progress import write_results
 from sslpipe.reports import results_table
@@ -32,17 +44,49 @@ def _check(names, key: str) -> None:
         raise ValueError(f"stage.{key} has unknown step(s) {bad}; valid: {', '.join(STEPS)}")
 
 
+class Journal:
+    """`pipeline.json`: the parent run's id and each finished step's result, rewritten
+    atomically (rank 0) after every step; what a requeued job reads to carry on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        data = json.loads(path.read_text()) if path.exists() else {}
+        self.parent_run_id: str | None = data.get("parent_run_id")
+        self.steps: dict[str, dict] = data.get("steps", {})
+
+    def save(self) -> None:
+        if not distributed.is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"parent_run_id": self.parent_run_id, "steps": self.steps}, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
     _check(st.stages, "stages")
     _check(st.baseline, "baseline")
     rows, results = [], {}
     resolve_num_classes(ctx)  # every step, export's manifest too, sees the inferred count
-    with stage_run(ctx) as parent:
-        ctx.parent_id = parent.id
-        pre = dispatch(ctx.for_stage("pretrain", None, "pretrain"))
-        results["pretrain"] = pre.metrics
-        checkpoint = pre.outputs["checkpoint"]
+    journal = Journal(ctx.run_dir / "pipeline.json")
+    with stage_run(ctx, run_id=journal.parent_run_id) as parent:
+        ctx.parent_id = journal.parent_run_id = parent.id
+        journal.save()
+
+        def step(key: str, sub: Context) -> dict:
+            """One step's result: from the journal when a previous attempt finished it, else run now."""
+            if key not in journal.steps:
+                if ctx.should_stop():  # a signal during a step without a training loop: stop between steps
+                    raise Preempted(f"stopped before pipeline step {key} by a signal; {journal.path} has the rest")
+                out = dispatch(sub)
+                journal.steps[key] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
+                journal.save()
+            return journal.steps[key]
+
+        pre = step("pretrain", ctx.for_stage("pretrain", None, "pretrain"))
+        results["pretrain"] = pre["metrics"]
+        checkpoint = pre["outputs"]["checkpoint"]
         probe_metrics: dict[str, float] = {}
         for name in st.stages:
             sub = ctx.for_stage(name, checkpoint, "." if name == "export" else name)
@@ -50,17 +94,16 @@ def run(ctx: Context) -> StageResult:
                 with open_dict(sub.cfg):
                     sub.cfg.stage.linear_head = results.get("linear_probe", {}).get("outputs", {}).get("linear_head")
                     sub.cfg.stage.metrics = probe_metrics
-            out = dispatch(sub)
-            results[name] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
+            results[name] = out = step(name, sub)
             if name in PROBES:
-                probe_metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+                probe_metrics.update({f"{name}/{k}": v for k, v in out["metrics"].items()})
             if name in PROBES or name in DENSE:
-                rows.append({"step": name, "pretrained": cfg.method.name, **out.metrics})
+                rows.append({"step": name, "pretrained": cfg.method.name, **out["metrics"]})
         for name in st.baseline:
-            out = dispatch(ctx.for_stage(name, "random", f"random/{name}", suffix="-random"))
-            results[f"{name}-random"] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
+            results[f"{name}-random"] = out = step(f"{name}-random",
+                                                   ctx.for_stage(name, "random", f"random/{name}", suffix="-random"))
             if name in PROBES or name in DENSE:
-                rows.append({"step": name, "pretrained": "random", **out.metrics})
+                rows.append({"step": name, "pretrained": "random", **out["metrics"]})
         columns = [c for c in COLUMNS if c in ("step", "pretrained") or any(c in r for r in rows)]
         table = results_table(rows, columns)
         headline = {k: v for r in rows for k, v in _headline(r).items()}

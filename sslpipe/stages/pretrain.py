@@ -16,11 +16,10 @@ from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader, w
 from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import MultiView
 from sslpipe.distributed import rank, world_size
-from sslpipe.engine import Loop, LoopSettings, LrScale, Preempted
+from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.methods.ema import saved_encoder
 from sslpipe.monitor import Monitor, subset
 from sslpipe.optim import optimizer_config, weight_decay_groups
-from sslpipe.preempt import StopSignal
 from sslpipe.progress import Progress
 from sslpipe.speed import build_optimizer, device_pool, prepare_model
 from sslpipe.stages import (Context, StageResult, build_backbone, build_method, build_splits, normalizer, print_table,
@@ -119,23 +118,18 @@ def run(ctx: Context) -> StageResult:
         return train_step(views(images), labels, progress)
 
     # ------------------------------------------------------------ fit (resuming when our checkpoint exists)
-    stop = StopSignal().install()  # SIGUSR2 / SIGTERM: checkpoint at the next step, then requeue
     progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
     settings = LoopSettings.of_stage(st, recipe=cfg.method.get("optim"))  # clipping etc.: the method's paper
     loop = Loop(method, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
                 after_step=method.after_step, before_optimizer_step=getattr(method, "before_optimizer_step", lambda p: None),
-                should_stop=stop.requested,
+                should_stop=ctx.should_stop,  # SIGUSR2 / SIGTERM: checkpoint at the next step (sslpipe.run)
                 progress=progress, seed=cfg.seed)
     loop.resume()
     monitor = _monitor(ctx, splits, method, loop.total, loop.state.step)
     try:
         return _fit(ctx, method, loop, lr_scale, monitor, progress)
-    except Preempted as stopped:
-        log.warning("%s", stopped)
-        stop.hand_over()  # requeue (submitit / sbatch) and exit
     finally:
         progress.close()
-        stop.restore()
 
 
 MONITOR_BUDGET = 0.05  # `stage.monitor.every: auto` keeps the online checks under 5 % of training time

@@ -155,7 +155,8 @@ def run(ctx: Context) -> StageResult:
 
     # ------------------------------------------------------------ fit
     settings = LoopSettings.of_stage(st)
-    loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt", seed=cfg.seed)
+    loop = Loop(model, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt", seed=cfg.seed,
+                should_stop=ctx.should_stop)
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
