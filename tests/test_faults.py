@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -57,29 +58,60 @@ def _final_weights(run_dir: Path) -> dict:
     return ckpt.load(run_dir / "checkpoints" / "final.pt")["encoder"]
 
 
+PROGRESS = re.compile(r"\[progress\] pretrain \S+: step (\d+)/(\d+)")
+
+
+def _kill_after_steps(proc: subprocess.Popen, steps: int) -> int | None:
+    """Read the attempt's progress lines (one per optimizer step); SIGKILL it once it has
+    trained `steps` steps of its own. Returns the last step it reported, None if it ended first."""
+    first = None
+    for line in proc.stdout:
+        seen = PROGRESS.search(line)
+        if seen:
+            step = int(seen.group(1))
+            first = step if first is None else first
+            if step - first + 1 >= steps:
+                proc.send_signal(signal.SIGKILL)
+                return step
+    return None
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    path = run_dir / "checkpoints" / "last.pt"
+    return ckpt.load(path)["loop"]["step"] if path.exists() else 0
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path):
+    """Each relaunch trains a random 2-5 steps of its own (read from its progress lines, one
+    per step) and is SIGKILLed, maybe mid-write of its per-step checkpoint: four times, each
+    leaving a loadable checkpoint further on than the last; the fifth run finishes bitwise as
+    an uninterrupted one, in one MLflow run."""
     reference = run_cli([*RUN, "hydra.run.dir=outputs/reference"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run_dir = tmp_path / "outputs" / "killed"
     rng = random.Random(1234)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    kills = 0
-    for _ in range(4):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "SSLPIPE_PROGRESS": "log", "SSLPIPE_PROGRESS_S": "0"}
+    before = 0
+    for attempt in range(4):
         proc = subprocess.Popen([sys.executable, "-m", "sslpipe", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))  # somewhere in training, maybe mid-write of a checkpoint
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            steps = rng.randint(2, 5)
+            killed_at = _kill_after_steps(proc, steps)
+        finally:
+            proc.kill() if proc.poll() is None else None
+            proc.wait()
+        assert killed_at is not None, f"attempt {attempt} ended before training {steps} steps"
+        assert proc.returncode == -signal.SIGKILL
         for f in (run_dir / "checkpoints").glob("*.pt"):  # every checkpoint on disk loads: none is torn
             ckpt.load(f)
-    assert kills >= 2
+        after = _checkpoint_step(run_dir)
+        # it resumed at `before` and reported step killed_at = before + steps; the checkpoint of the
+        # step before that was complete (a kill mid-write of the next one keeps it)
+        assert killed_at == before + steps and after >= killed_at - 1 > before, (attempt, before, killed_at, after)
+        before = after
     done = run_cli([*RUN, f"hydra.run.dir={run_dir}"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # no temp files left behind by the finished run
