@@ -58,12 +58,17 @@ def test_mlflow_parent_and_children(pipeline_run):
         assert r.data.tags["sslpipe.method"] == "simclr"
         assert r.data.params["method.temperature"] == "0.2"  # flattened, dotted params
         assert r.info.status == "FINISHED"
+    top1 = {}
     for r in children:
         if r.data.tags["sslpipe.stage"] in ("knn", "linear_probe", "finetune"):
-            top1 = r.data.metrics["test/top1"]
-            assert 0.0 <= top1 <= 1.0 and "val/top1" in r.data.metrics and "test/f1_macro" in r.data.metrics
+            top1[r.data.tags["sslpipe.stage"], r.data.tags["sslpipe.pretrained"] == "random"] = r.data.metrics["test/top1"]
+            assert "val/top1" in r.data.metrics and "test/f1_macro" in r.data.metrics
             names = [a.path for a in client.list_artifacts(r.info.run_id)]
             assert "classification_report.json" in names and "config.yaml" in names
+    # thresholds from the random-init baselines measured in the same run, not fixed numbers
+    assert top1["knn", False] > top1["knn", True] and top1["linear_probe", False] > top1["linear_probe", True], top1
+    # (fine-tune here is 20 steps of a fresh head: test_default_run_beats_random_init_and_fine_tunes_well
+    # holds it to the README's level)
     knn = [r for r in children if r.data.tags["sslpipe.stage"] == "knn" and r.data.tags["sslpipe.pretrained"] != "random"][0]
     assert knn.data.params["protocol.k"] == "20" and knn.data.params["protocol.temperature"] == "0.07"
 
