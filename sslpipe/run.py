@@ -29,14 +29,13 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict:
     from sslpipe.preempt import StopSignal
     from sslpipe.seeding import seed_process
     from sslpipe.stages import Context, dispatch
-    from sslpipe.tracking import Tracker
 
     # Processes: one, or the DDP ranks torchrun / SLURM started, joined here once for every
     # stage; all ranks use rank 0's run folder (one checkpoint, one set of artefacts).
     device = distributed.setup(resolve_device(cfg.device))
     folder = distributed.broadcast_object(folder or run_dir())
     seed_process(cfg.seed)  # alike on every rank: models are built equal (sslpipe.seeding)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    tracker = make_tracker(cfg.tracking, folder)
     # SIGUSR2 / SIGTERM: every training loop checkpoints at its next step and raises Preempted;
     # here the job is then handed to whoever requeues it (sslpipe.preempt). One handler for the
     # whole process, so a pipeline's fine-tune or segment step stops as its pretrain does.
@@ -53,6 +52,23 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict:
     if cfg.stage.name != "pipeline":  # the pipeline writes its chain's table itself
         _results_table(ctx, result.metrics, time.monotonic() - started)
     return result.metrics
+
+
+def make_tracker(tracking, folder: Path):
+    """The run's tracker: the shared store (`tracking.uri`, or MLFLOW_TRACKING_URI), refused when it
+    is a SQLite file on a network file system; or with `tracking.mode=offline` a store in the run
+    folder (`<run folder>/tracking/`), uploaded later by `python -m sslpipe.sync`."""
+    from sslpipe.tracking import Tracker, check_sqlite_location, offline_store, tracking_uri
+
+    mode = tracking.get("mode", "shared")
+    if mode == "offline":
+        uri, artifacts = offline_store(folder)
+        return Tracker(uri, tracking.experiment, artifacts, environment=False)
+    if mode != "shared":
+        raise ValueError(f"tracking.mode={mode!r}: choose shared (tracking.uri or MLFLOW_TRACKING_URI) or offline "
+                         "(a store in the run folder, uploaded later by python -m sslpipe.sync)")
+    check_sqlite_location(tracking_uri(tracking.uri))
+    return Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
 
 
 def _results_table(ctx, metrics: dict, wall_s: float) -> None:

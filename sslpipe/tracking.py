@@ -46,6 +46,65 @@ def tracking_uri(configured: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured
 
 
+# File systems whose locking SQLite cannot rely on: "SQLite over a network, caveats and
+# considerations" (sqlite.org/useovernet.html) and "How To Corrupt An SQLite Database File"
+# section 2.1 (sqlite.org/howtocorrupt.html). NFS, SMB and the cluster file systems.
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "fuse.beegfs", "ceph",
+                        "fuse.ceph", "glusterfs", "fuse.glusterfs", "fuse.sshfs", "9p", "afs", "panfs", "wekafs",
+                        "fuse.juicefs", "orangefs", "pvfs2"})
+
+
+class StoreLocationError(ValueError):
+    """The default SQLite store would sit on a network file system."""
+
+
+def mount_of(path: Path, mounts: str) -> tuple[str, str]:
+    """(mount point, file system type) of the mount that holds `path` (which need not exist yet),
+    from the text of /proc/mounts (whose fields escape spaces as \\040)."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # symlinks resolved where they exist
+        existing = existing.parent
+    here = str(existing.resolve() / path.relative_to(existing))
+    best = ("/", "")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].encode().decode("unicode_escape")
+        inside = here == point or here.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2])
+    return best
+
+
+def check_sqlite_location(uri: str, mounts: str | None = None) -> None:
+    """Refuse a SQLite store on a network file system (see NETWORK_FS), naming the file system
+    and the two ways out. `mounts`: /proc/mounts' text (read here when None; no check off Linux)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return
+    point, fstype = mount_of(db, mounts)
+    if fstype in NETWORK_FS:
+        raise StoreLocationError(
+            f"the MLflow store {db} would be a SQLite file on {fstype} (mounted at {point}), a network file system: "
+            "SQLite's locks are unreliable there and jobs writing at once can corrupt it (sqlite.org/useovernet.html). "
+            "Either run an MLflow tracking server and set MLFLOW_TRACKING_URI=http://<host>:<port> (docs/cluster.md), "
+            "or log offline with tracking.mode=offline and upload later: python -m sslpipe.sync <run folders>")
+
+
+def offline_store(run_folder: Path) -> tuple[str, str]:
+    """tracking.mode=offline: (uri, artifact root) of the run folder's own store, one writer,
+    uploaded later by `python -m sslpipe.sync`."""
+    folder = Path(run_folder).absolute() / "tracking"
+    return f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts")
+
+
 # Backoff for a store that is briefly unavailable: 0.05 s doubling to 5 s, within a budget.
 RETRY_BUDGET_S = float(os.environ.get("SSLPIPE_TRACKING_RETRY_S", "120"))
 
@@ -171,8 +230,8 @@ class NullRun(Run):
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
-        self.uri = tracking_uri(uri)
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None, environment: bool = True):
+        self.uri = tracking_uri(uri) if environment else uri  # environment: MLFLOW_TRACKING_URI wins
         self.experiment_name, self.artifact_root = experiment, artifact_root
         self._client = None
         self._experiment_id = None
