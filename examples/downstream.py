@@ -1,6 +1,7 @@
-"""Reuse an sslpipe export downstream (seed 000's example): load manifest.json and the
-encoder, then train two linear heads on the frozen features for the same small budget, one
-starting from the exported linear probe and one from scratch, and print both accuracies.
+"""Reuse an sslpipe export downstream (as spiral-selfsup's fine_tune_with_selfsup example does):
+load manifest.json and the encoder, then train two linear heads on the frozen features for the
+same small budget, one starting from the exported linear probe and one from scratch, and print
+both accuracies.
 
     python examples/downstream.py outputs/runs/<date>/<time>_pipeline_simclr/export [--steps 20] [overrides]
 

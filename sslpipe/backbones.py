@@ -59,7 +59,8 @@ def TimmBackbone(model_name: str, in_chans: int = 3, cifar_stem: bool = False, *
 
 
 class YatCNN(nn.Module):
-    """A small CNN of YAT convolutions (seed 004's YatCNN), from the `nmn` package's torch layers.
+    """A small CNN of YAT convolutions (the SIMO2 reference code's YatCNN), from the `nmn`
+    package's torch layers.
 
     A YAT unit computes y = alpha * (w . x + b)^2 / (||x - w||^2 + eps) (Bouhsine, "Deep
     Learning 2.0: Artificial Neurons That Matter", 2024): it is non-linear by itself, so the

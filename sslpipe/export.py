@@ -1,5 +1,6 @@
 """Tensor files of an export folder: safetensors, or JSON snapshots
-`{name: {"shape": [...], "data": [...row-major...]}}` for tools that read JSON (seed 000)."""
+`{name: {"shape": [...], "data": [...row-major...]}}` for tools that read JSON (the row-major,
+shape-tagged snapshots of spiral-selfsup's st-model-hub exports)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import numpy as np
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], prefix: str) -> tuple[dict, dict]:
     """Headline metrics (`<prefix>/top1`, `<prefix>/f1_macro`) and sklearn's per-class report
-    (precision, recall, F1, support per class: seed 003's table)."""
+    (precision, recall, F1, support per class)."""
     from sklearn.metrics import classification_report, f1_score
 
     labels = list(range(len(classes)))

@@ -256,7 +256,7 @@ def test_imagefolder_errors_name_the_problem(tmp_path):
         splits_of("dataset=imagefolder", f"dataset.root={tmp_path}", "dataset.num_classes=10")
 
 
-# ------------------------------------------------------------------ npy splits (seed 003)
+# ------------------------------------------------------------------ npy splits
 def write_npy(root: Path, split: str, n: int, seed: int, images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     images = rng_images(n, 32, 32, 3, seed=seed) if images is None else images
     labels = (np.arange(len(images)) % 10).astype(np.int64)

@@ -348,7 +348,7 @@ def test_ibot_block_masks_stay_in_range():
 
 # ---------------------------------------------------------------------------- hand-written losses
 def _simo2_reference(z: np.ndarray, orth_lean: float, eps: float) -> float:
-    """Seed 004's combined_loss / simo2_loss_fn, pair by pair in float64 loops."""
+    """The SIMO2 reference code's combined_loss / simo2_loss_fn, pair by pair in float64 loops."""
     def combined(e, label):
         total = 0.0
         for i in range(len(e)):

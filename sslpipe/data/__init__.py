@@ -53,8 +53,9 @@ def concat(*splits: Split) -> Split:
 
 
 def data_ratio_subset(split: Split, ratio: float, seed: int) -> Split:
-    """Keep `ratio` of the images at all (seed 002's data ratio): stratified by class where every
-    image is labelled, a plain random subset otherwise (unlabelled pretraining pools)."""
+    """Keep `ratio` of the images at all (the `--data_ratio` of SimCLR segmentation fine-tuning on
+    Oxford-IIIT Pet): stratified by class where every image is labelled, a plain random subset
+    otherwise (unlabelled pretraining pools)."""
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"data_ratio must be in (0, 1], got {ratio}")
     if ratio == 1.0:
@@ -67,7 +68,8 @@ def data_ratio_subset(split: Split, ratio: float, seed: int) -> Split:
 
 
 def stratified_fraction(split: Split, fraction: float, seed: int) -> Split:
-    """Keep `fraction` of each class (at least one image per class), e.g. seed 001's 0.1."""
+    """Keep `fraction` of each class (at least one image per class), e.g. 0.1 as in UP's MoCo v1
+    fine-tune config."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:

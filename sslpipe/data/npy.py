@@ -1,5 +1,6 @@
-"""Pre-made splits as .npy files (seed 003): `<split>_images.npy` (N, H, W, C) or (N, H, W)
-uint8 and `<split>_labels.npy` (N,) integers, for split in train, val, test, probe."""
+"""Pre-made splits as .npy files (as an iBOT-style ViT-S/4 CIFAR-10 pipeline loads them):
+`<split>_images.npy` (N, H, W, C) or (N, H, W) uint8 and `<split>_labels.npy` (N,) integers,
+for split in train, val, test, probe."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Class-balanced batches: `classes_per_batch` classes x `samples_per_class` images each, the
-batch shape SIMO2's loss needs (seed 004's `create_simo2_batch_from_dataset`). Written by hand:
-torch and lightly have no sampler that fixes the per-class count of every batch."""
+batch shape SIMO2's loss needs (the SIMO2 reference code's `create_simo2_batch_from_dataset`).
+Written by hand: torch and lightly have no sampler that fixes the per-class count of every
+batch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ class ClassBalancedLoader:
     """The `EpochLoader` interface (`set_epoch`, `len`, iteration over (uint8 images, labels))
     with batches grouped by class: each batch draws `classes_per_batch` distinct classes, then
     `samples_per_class` images of each (without replacement when the class has enough, with
-    replacement otherwise, as in the seed). An epoch is len(split) // batch images, like
+    replacement otherwise, as that function draws). An epoch is len(split) // batch images, like
     EpochLoader's, so `stage.epochs` means the same. The draw of batch b of epoch e comes from
     a generator seeded by (seed, e, b, rank): a resumed run and each DDP rank are reproducible.
     Unlabelled images (label -1) are never drawn."""

@@ -1,5 +1,5 @@
-"""A convolutional (denoising) autoencoder: the reconstruction baseline of seed 004. The
-decoder is written here; lightly has none for pooled CNN features."""
+"""A convolutional (denoising) autoencoder: the reconstruction baseline of the SIMO2 reference
+code. The decoder is written here; lightly has none for pooled CNN features."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class ConvDecoder(nn.Module):
 
 class Autoencoder(nn.Module):
     """Encode an augmented view with Gaussian noise added (std `noise_std`, in normalised pixel
-    units), decode it, and regress the clean view: pixel MSE (seed 004 reconstructs the clean
-    image from an augmented one). The pooled features are the bottleneck.
+    units), decode it, and regress the clean view: pixel MSE (the SIMO2 reference code's
+    autoencoder reconstructs the clean image from an augmented one). The pooled features are the
+    bottleneck.
 
     Shapes: view (B, C, H, W) -> features (B, num_features) -> reconstruction (B, C, H, W).
     """

@@ -39,7 +39,7 @@ class IBOT(nn.Module):
     `random_block_mask` (a `batch_mask_ratio` share of images get 10-50 % of patches masked).
 
     Shapes: views 2 x (B, C, H, W) -> tokens (2B, 1 + N, D) -> class head (2B, output_dim),
-    patch head (masked tokens, output_dim). Seed 003's recipe: ViT-S/4 on 32 px CIFAR-10,
+    patch head (masked tokens, output_dim). An iBOT-style report's recipe: ViT-S/4 on 32 px CIFAR-10,
     100 epochs (conf/experiment/ibot_vits4_cifar10.yaml). `shared_head`: one head for the class
     and the patch tokens (the paper's ViT recipes, --shared_head true), else two; `local_views`
     small crops go through the student's class head only, against the teacher's global views

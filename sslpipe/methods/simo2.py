@@ -1,6 +1,7 @@
-"""SIMO2 (seed 004): class-balanced batches, L2-normalised embeddings, and a loss that pulls
-same-class embeddings together while pushing class means and different-class embeddings
-towards orthogonality. Written by hand: no library has it.
+"""SIMO2 (after the SIMO2 reference code, JAX / Flax NNX): class-balanced batches,
+L2-normalised embeddings, and a loss that pulls same-class embeddings together while pushing
+class means and different-class embeddings towards orthogonality. Written by hand: no library
+has it.
 
 It USES LABELS: a supervised (or pseudo-labelled) pretraining objective, not a
 self-supervised one, and needs the class-balanced sampler (`sslpipe.data.samplers`).
@@ -18,7 +19,7 @@ from torch import nn
 
 
 def pair_loss(embeddings: torch.Tensor, target: float, epsilon: float) -> torch.Tensor:
-    """Seed 004's `combined_loss` over every pair i < j of the rows of `embeddings`
+    """The SIMO2 reference code's `combined_loss` over every pair i < j of the rows of `embeddings`
     (..., M, D), summed: with r = (e_i . e_j)^2 / (epsilon + |e_i - e_j|^2), each pair costs
     (1 + r)^(1 - 2 target). target 1 (similar) rewards large r: close, aligned pairs;
     target ~0 (dissimilar) rewards r -> 0: orthogonal pairs. Leading dims are summed too."""
@@ -33,7 +34,7 @@ def simo2_loss(z: torch.Tensor, orth_lean: float, epsilon: float) -> tuple[torch
     """z (C, k, D): k L2-normalised embeddings of each of C classes. Returns the sum of
     same-class loss (pairs within a class, target 1), class-mean loss (pairs of the C class
     means, target orth_lean) and different-class loss (for each of the k slots, pairs across
-    classes, target orth_lean), and the three parts (seed 004's `simo2_loss_fn`)."""
+    classes, target orth_lean), and the three parts (the SIMO2 reference code's `simo2_loss_fn`)."""
     same = pair_loss(z, 1.0, epsilon)
     means = pair_loss(z.mean(dim=1), orth_lean, epsilon)
     diff = pair_loss(z.transpose(0, 1), orth_lean, epsilon)
@@ -52,8 +53,8 @@ def group_by_class(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class SIMO2(nn.Module):
     """Backbone + one linear layer to `embedding_size`, L2-normalised; SIMO2 loss on a batch of
-    `classes x samples_per_class` images (seed 004: embedding 16, 32 per class, orth_lean 1/137,
-    epsilon 1/137 in the pair ratio). One augmented view per image, as in the seed.
+    `classes x samples_per_class` images (the SIMO2 reference code's defaults: embedding 16, 32 per
+    class, orth_lean 1/137, epsilon 1/137 in the pair ratio). One augmented view per image, as there.
 
     Shapes: view (C k, C_in, H, W) + labels (C k,) -> embeddings (C, k, embedding_size) -> scalar.
     """

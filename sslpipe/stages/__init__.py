@@ -53,6 +53,7 @@ class Context:
 class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)   # e.g. checkpoint, linear_head, export_dir
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # stage=pipeline: each step's metrics
     run_id: str | None = None
 
 
@@ -75,7 +76,19 @@ def tags(ctx: Context) -> dict[str, str]:
         out["sslpipe.loader"] = ctx.loader
     if os.environ.get("SLURM_JOB_ID"):
         out["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+    out.update(study_tags())
     return out
+
+
+def study_tags() -> dict[str, str]:
+    """Under a search sweeper (hydra/sweeper=search), the study's name and the trial number."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    study = hydra_cfg.sweeper.get("study_name") if "OptunaSweeper" in str(hydra_cfg.sweeper.get("_target_")) else None
+    return {"sslpipe.study": str(study), "sslpipe.trial": str(hydra_cfg.job.num)} if study else {}
 
 
 @contextlib.contextmanager
@@ -132,9 +145,9 @@ def resolve_num_classes(ctx: Context) -> Splits:
 
 
 def build_splits(ctx: Context, labelled: bool) -> Splits:
-    """The dataset's splits. `dataset.data_ratio` keeps that share of the training data at all
-    (seed 002); then with `labelled` the train split keeps `dataset.fraction` per class (seed
-    001), and without it the train split becomes the pretraining pool, train + unlabeled."""
+    """The dataset's splits. `dataset.data_ratio` keeps that share of the training data at all;
+    then with `labelled` the train split keeps `dataset.fraction` per class, and without it the
+    train split becomes the pretraining pool, train + unlabeled."""
     from sslpipe.validate import check_splits
 
     ds = ctx.cfg.dataset

@@ -1,4 +1,4 @@
-"""stage=export: a folder that other tools load (seed 000's format, DESIGN.md section 4):
+"""stage=export: a folder that other tools load (spiral-selfsup's st-model-hub layout, DESIGN.md section 4):
 manifest.json + encoder / projector / linear_head tensors as safetensors or JSON snapshots.
 The encoder's keys are the plain backbone's; the manifest's `backbone.constructor` names the call
 that builds its architecture (`timm.create_model(<name>, **kwargs)` where a stock timm model is

@@ -1,5 +1,5 @@
 """stage=visualize: 2-D maps of the test split's embeddings coloured by class (t-SNE, PCA,
-UMAP) and class-pair plots of the most similar classes (seed 004's visualisations),
+UMAP) and class-pair plots of the most similar classes (the SIMO2 reference code's plots),
 logged as MLflow artefacts under plots/."""
 
 from __future__ import annotations
