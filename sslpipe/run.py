@@ -23,6 +23,7 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict:
     from sslpipe.validate import validate
 
     validate(cfg)  # before anything is built or written
+    check_objective(cfg.get("objective"))
 
     from sslpipe import distributed
     from sslpipe.engine import Preempted, resolve_device
@@ -51,7 +52,27 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict:
         stop.restore()
     if cfg.stage.name != "pipeline":  # the pipeline writes its chain's table itself
         _results_table(ctx, result.metrics, time.monotonic() - started)
+    if cfg.get("objective"):
+        return objective_value(cfg.objective, result)
     return result.metrics
+
+
+def check_objective(key: str | None) -> None:
+    if key and "test" in str(key).split("/"):
+        raise ValueError(f"objective={key}: a sweep must select on a validation metric, not a test one "
+                         f"(use {str(key).replace('test', 'val', 1)})")
+
+
+def objective_value(key: str, result) -> float:
+    """The value of `objective` a sweeper optimises: a key of the stage's metrics, or in a
+    pipeline `<step>/<key>`. Test metrics are refused (selection on the test split)."""
+    check_objective(key)
+    found = dict(result.metrics)
+    for step, metrics in result.steps.items():
+        found.update({f"{step}/{k}": v for k, v in metrics.items()})
+    if key not in found:
+        raise ValueError(f"objective={key} is not a metric of this run; it has: {', '.join(sorted(found))}")
+    return float(found[key])
 
 
 def make_tracker(tracking, folder: Path):

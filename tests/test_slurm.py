@@ -216,6 +216,20 @@ def test_pipeline_runs_as_one_two_task_job_with_synchronised_ranks(tmp_path):
     assert abs(got - one[0]) <= max(2 * noise, 0.05), (got, one)
 
 
+# ---------------------------------------------------------------- 2c. an Optuna study as SLURM jobs
+def test_optuna_study_runs_its_trials_as_slurm_jobs(tmp_path):
+    """hydra/sweeper=search with the SLURM launcher: the 4 trials run as SLURM jobs, 2 at a
+    time (n_jobs=2 per batch), and the study reports its best trial (tests/test_search.py)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install sslpipe[search]")
+    from test_search import STUDY, check_study
+
+    sh([sys.executable, "-m", "sslpipe", *STUDY, "hydra/launcher=slurm"], tmp_path, timeout=900)
+    check_study(tmp_path)
+    client, runs = _runs(tmp_path)
+    jobs = {r.data.tags["slurm.job_id"] for r in runs if r.data.tags["sslpipe.stage"] == "pipeline"}
+    assert len(jobs) == 4  # each trial its own SLURM job
+
+
 # ---------------------------------------------------------------- 3. signals, requeue, resume
 def _requeued_run_matches_reference(cwd: Path, run_dir: Path, reference: Path, job: str) -> None:
     assert "REQUEUED" in settled_states(job), sacct_states(job)

@@ -112,4 +112,5 @@ def run(ctx: Context) -> StageResult:
         parent.log_text(json.dumps(results, indent=2), "results.json")
         parent.log_metrics(headline, step=0)
     write_results(ctx.run_dir, f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
-    return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id)
+    steps = {name: r if name == "pretrain" else r["metrics"] for name, r in results.items() if name != "summary"}
+    return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id, steps=steps)
