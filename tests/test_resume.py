@@ -70,13 +70,18 @@ def _wait_for(predicate, proc, timeout=120.0):
     return False
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run of RUN, seed 0: its run folder."""
-    cwd = tmp_path_factory.mktemp("reference")
-    done = _cli([*RUN, "hydra.run.dir=outputs/reference"], cwd, timeout=300)
+def uninterrupted(tmp_path_factory, args: list[str], name: str) -> Path:
+    """Run `args` once, uninterrupted (seed 0, one thread); returns its run folder."""
+    cwd = tmp_path_factory.mktemp(name)
+    done = _cli([*args, "hydra.run.dir=outputs/reference"], cwd, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return cwd / "outputs" / "reference"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of RUN: its run folder."""
+    return uninterrupted(tmp_path_factory, RUN, "reference")
 
 
 @pytest.mark.slow
@@ -166,11 +171,8 @@ def assert_resumed_pipeline_matches(cwd: Path, run_dir: Path, reference: Path) -
 
 @pytest.fixture(scope="module")
 def pipeline_reference(tmp_path_factory):
-    """An uninterrupted PIPELINE, seed 0, one thread: its run folder."""
-    cwd = tmp_path_factory.mktemp("pipeline-reference")
-    done = _cli([*PIPELINE, "hydra.run.dir=outputs/reference"], cwd, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return cwd / "outputs" / "reference"
+    """An uninterrupted PIPELINE: its run folder."""
+    return uninterrupted(tmp_path_factory, PIPELINE, "pipeline-reference")
 
 
 @pytest.mark.slow

@@ -240,19 +240,27 @@ def _requeued_run_matches_reference(cwd: Path, run_dir: Path, reference: Path, j
     assert_same_weights(reference, run_dir)                          # bitwise, as if never stopped
 
 
-def test_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, reference):
-    """SIGUSR2 (what SLURM sends ahead of the limit, here on demand with scancel --signal)."""
+def _signal_once_checkpointed(cwd: Path, args: list[str], checkpoint: Path, timeout: float) -> str:
+    """Launch `args` as a submitit job; once `checkpoint` exists, send the job SIGUSR2 (what SLURM
+    sends ahead of its limit), start it again at once when requeued, and wait for the launcher to
+    end. Returns the job id."""
     proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
-                             *TRAIN], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_dir = tmp_path / "multirun" / "0"
+                             *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: (run_dir / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint", poll=0.05)
-        job = submitit_jobs(tmp_path / "multirun")[0]
-        sh(["scancel", "--signal=USR2", job], tmp_path)
-        out = wait_releasing_requeued(proc, 240)
+        wait_until(checkpoint.exists, 300, f"the checkpoint {checkpoint}", poll=0.05)
+        job = submitit_jobs(cwd / "multirun")[0]
+        sh(["scancel", "--signal=USR2", job], cwd)
+        out = wait_releasing_requeued(proc, timeout)
     finally:
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0, out[-3000:]
+    return job
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, reference):
+    """SIGUSR2 (what SLURM sends ahead of the limit, here on demand with scancel --signal)."""
+    run_dir = tmp_path / "multirun" / "0"
+    job = _signal_once_checkpointed(tmp_path, TRAIN, run_dir / "checkpoints" / "last.pt", 240)
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
     assert "by a signal" in logs and "resumed from" in logs, logs[-3000:]
     _requeued_run_matches_reference(tmp_path, run_dir, reference, job)
@@ -263,19 +271,8 @@ def test_pipeline_preempted_in_finetune_requeues_into_one_parent_run(tmp_path, p
     is requeued; the requeued attempt reopens the parent run, skips pretrain and kNN, resumes
     fine-tune from its checkpoint, then exports: one parent, each child once, fine-tune
     weights bitwise those of the uninterrupted pipeline (tests/test_resume.py)."""
-    proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
-                             *STOPPED_PIPELINE], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "multirun" / "0"
-    try:
-        wait_until(lambda: (run_dir / "finetune" / "checkpoints" / "last.pt").exists(), 300, "fine-tune's first checkpoint",
-                   poll=0.05)
-        job = submitit_jobs(tmp_path / "multirun")[0]
-        sh(["scancel", "--signal=USR2", job], tmp_path)
-        out = wait_releasing_requeued(proc, 300)
-    finally:
-        proc.kill() if proc.poll() is None else None
-    assert proc.returncode == 0, out[-3000:]
+    job = _signal_once_checkpointed(tmp_path, STOPPED_PIPELINE, run_dir / "finetune" / "checkpoints" / "last.pt", 300)
     assert "REQUEUED" in settled_states(job), sacct_states(job)
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
     assert "stopped at step" in logs and "finetune/checkpoints/last.pt at step" in logs, logs[-3000:]
