@@ -73,7 +73,6 @@ def results(store: str, experiment: str) -> dict[str, float]:
 def pixel_baselines(root: str, seed: int) -> dict[str, float]:
     """Logistic regression (scikit-learn, pixels scaled to [0, 1], as the Fashion-MNIST benchmark)
     and sslpipe's own kNN rule (cosine, k=20, T=0.07) on raw pixels, on the splits the runs use."""
-    import torch
     from sklearn.linear_model import LogisticRegression
 
     from sslpipe.data.torchvision_sets import load_mnist

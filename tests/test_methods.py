@@ -309,7 +309,6 @@ def test_moco_never_contrasts_a_query_with_its_own_images_key():
             queued_ids, queued_keys = method.queue.ids.clone(), method.queue.keys.clone()
             own = queued_ids[None, :] == ids[:, None]  # (B, K): a queued key of the query's own image
             met_own += int(own.any(1).sum())
-            state = method.draws.get_state() if hasattr(method.draws, "get_state") else None
             loss = method.training_step([x, x], ids, 0.0)
             # the same step by hand, leaving out each query's own-image keys
             with torch.no_grad():

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from test_resume import PIPELINE as STOPPED_PIPELINE
-from test_resume import (_runs, _steps, assert_resumed_pipeline_matches, assert_same_weights,  # noqa: F401
-                         pipeline_reference)
+from test_resume import _runs, _steps, assert_resumed_pipeline_matches, assert_same_weights, uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -214,6 +213,12 @@ def test_pipeline_runs_as_one_two_task_job_with_synchronised_ranks(tmp_path):
     noise = abs(one[0] - one[1])
     got = two["finetune"].data.metrics["test/top1"]
     assert abs(got - one[0]) <= max(2 * noise, 0.05), (got, one)
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory):
+    """The uninterrupted pipeline the preempted one must match (tests/test_resume.py)."""
+    return uninterrupted(tmp_path_factory, STOPPED_PIPELINE, "pipeline-reference")
 
 
 # ---------------------------------------------------------------- 2c. an Optuna study as SLURM jobs

@@ -5,7 +5,6 @@ later by `python -m sslpipe.sync`, twice, into one copy of each run."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
