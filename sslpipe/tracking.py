@@ -271,7 +271,9 @@ class Tracker:
         if found is not None:
             return found.experiment_id
         location = None
-        if self.artifact_root and "://" not in self.artifact_root:
+        if self.uri.startswith(("http://", "https://")):
+            location = None  # a tracking server stores artefacts where it was told (--artifacts-destination)
+        elif self.artifact_root and "://" not in self.artifact_root:
             location = Path(self.artifact_root).resolve().as_uri()
         elif self.artifact_root:
             location = self.artifact_root
