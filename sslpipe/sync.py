@@ -36,6 +36,15 @@ def find_stores(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def _artifact_location(target) -> str | None:
+    """Where a new experiment's artefacts go: beside a SQLite store, as the project's runs do
+    (`outputs/mlartifacts` next to `outputs/mlflow.db`); a server's own store otherwise."""
+    uri = target.tracking_uri
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
+    return None
+
+
 def _local(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
 
@@ -63,8 +72,9 @@ def sync_store(db: Path, target) -> dict[str, int]:
     counts = {"runs": 0, "metrics": 0, "params": 0}
     for experiment in source.search_experiments(view_type=ViewType.ALL):
         found = retry(lambda: target.get_experiment_by_name(experiment.name), "finding the experiment")
-        experiment_id = found.experiment_id if found else retry(lambda: target.create_experiment(experiment.name),
-                                                                 "creating the experiment")
+        experiment_id = found.experiment_id if found else retry(
+            lambda: target.create_experiment(experiment.name, artifact_location=_artifact_location(target)),
+            "creating the experiment")
         runs = source.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=50000)
         mapped: dict[str, str] = {}
         for run in _parents_first(runs):

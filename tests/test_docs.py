@@ -45,6 +45,7 @@ def test_blocks_are_found(tmp_path):
 def test_runnable_blocks_exit_zero(doc: Path, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SSLPIPE_PROGRESS")}
     env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"), SSLPIPE_DOCS_TEST="1")
+    (tmp_path / "scripts").symlink_to(REPO / "scripts")  # a user's checkout: the project's scripts beside them
     for line, script in runnable_blocks(doc):
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
