@@ -7,8 +7,13 @@ mean +- sample standard deviation over its runs (its seeds), with the run count 
     python -m sslpipe.report --filter stage=linear_probe --filter init=pretrained
     python -m sslpipe.report --metrics test/top1,test/f1_macro --format csv --output results.csv
 
+A search's trials (hydra/sweeper=search), best first:
+
+    python -m sslpipe.report --filter study=simclr-digits --filter stage=linear_probe \
+        --group-by trial,method.temperature --metrics val/top1 --best-first
+
 Keys in --filter and --group-by: the short names stage, method, backbone, dataset,
-pretrained, world_size (the `sslpipe.*` tags); `init` (random / pretrained / none, derived
+pretrained, world_size, study, trial (the `sslpipe.*` tags); `init` (random / pretrained / none, derived
 from `sslpipe.pretrained`, whose value is a path that differs per run); any other tag or
 param by its full name (`seed`, `method.temperature`, `slurm.job_id`), or explicitly
 `tags.<name>` / `params.<name>`.
@@ -25,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHORT = ("stage", "method", "backbone", "dataset", "pretrained", "world_size")
+SHORT = ("stage", "method", "backbone", "dataset", "pretrained", "world_size", "study", "trial")
 DEFAULT_GROUP = "stage,method,backbone,dataset,init"
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
 
@@ -205,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="write the table to this file instead of stdout")
     p.add_argument("--digits", type=int, default=4, help="decimals in the markdown table (default: 4)")
     p.add_argument("--all-statuses", action="store_true", help="include FAILED / RUNNING / KILLED runs too")
+    p.add_argument("--best-first", action="store_true",
+                   help="order rows by the first metric's mean, highest first (e.g. a search's best trial on top)")
     return p
 
 
@@ -217,6 +224,8 @@ def report(args: argparse.Namespace) -> str:
     runs = load_runs(args.tracking_uri, None if args.experiment == "*" else args.experiment)
     runs = [r for r in runs if (args.all_statuses or r.status == "FINISHED") and matches(r, filters)]
     groups = aggregate(runs, group_by, metrics)
+    if args.best_first:
+        groups.sort(key=lambda g: -(g.stats(metrics[0]) or (float("-inf"),))[0])
     if not groups:
         raise ReportError(f"no {'' if args.all_statuses else 'finished '}runs match the filters "
                           f"{args.filter or '(none)'} and logged any of {metrics} in {args.tracking_uri}")

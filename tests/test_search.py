@@ -37,6 +37,14 @@ def check_study(cwd: Path) -> None:
     best = yaml.safe_load((cwd / "multirun" / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(v for v, _ in trials))
     assert best["best_params"]["method.temperature"] in [t for v, t in trials if v == max(v for v, _ in trials)]
+    # sslpipe.report shows the study's trials, the best first
+    out = run_cli(["--filter", "study=simclr-digits", "--filter", "stage=linear_probe", "--group-by",
+                   "trial,method.temperature", "--metrics", "val/top1", "--best-first"], cwd, module="sslpipe.report")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4, out.stdout
+    values = [float(row.split("|")[-2].split()[0]) for row in rows]  # the last column: val/top1 (mean)
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(best["best_value"], abs=1e-4), out.stdout
 
 
 @pytest.mark.slow
