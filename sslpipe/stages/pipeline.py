@@ -13,13 +13,13 @@ that step."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from omegaconf import open_dict
 
 from sslpipe import distributed
 from sslpipe.engine import Preempted
+from sslpipe.export import _atomic_write as atomic_write
 
 from sslpipe.progress import write_results
 from sslpipe.reports import results_table
@@ -58,9 +58,8 @@ class Journal:
         if not distributed.is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"parent_run_id": self.parent_run_id, "steps": self.steps}, indent=2, default=str))
-        os.replace(tmp, self.path)
+        text = json.dumps({"parent_run_id": self.parent_run_id, "steps": self.steps}, indent=2, default=str)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
 
 def run(ctx: Context) -> StageResult:
@@ -112,5 +111,5 @@ def run(ctx: Context) -> StageResult:
         parent.log_text(json.dumps(results, indent=2), "results.json")
         parent.log_metrics(headline, step=0)
     write_results(ctx.run_dir, f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
-    steps = {name: r if name == "pretrain" else r["metrics"] for name, r in results.items() if name != "summary"}
+    steps = {name: step["metrics"] for name, step in journal.steps.items()}  # every step's metrics, as journaled
     return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id, steps=steps)
