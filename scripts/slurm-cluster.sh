@@ -8,6 +8,11 @@
 #   scripts/slurm-cluster.sh stop      # stop the daemons by their pid files
 #   scripts/slurm-cluster.sh status    # sinfo
 #
+# The node declares at least SSLPIPE_SLURM_CPUS CPUs (default 16, more if the machine has them):
+# a test cluster on a 2-core machine must still run a 16-task array at once, as a real cluster's
+# many nodes would (tests/test_tracking_server.py). Jobs here are tiny; slurmd accepts the larger
+# count through SlurmdParameters=config_overrides. SSLPIPE_SLURM_CPUS=0 declares what slurmd -C sees.
+#
 # Daemons background themselves and write pid files under $STATE/run; nothing is started
 # through systemd or init scripts (package scripts cannot start them here: policy-rc.d).
 set -euo pipefail
@@ -49,6 +54,11 @@ write_configs() {
     $1=="CPUs"{c=$2} $1=="SocketsPerBoard"{s=$2} $1=="CoresPerSocket"{k=$2} $1=="ThreadsPerCore"{t=$2}
     $1=="RealMemory"{m=$2} END{print c, s, k, t, m}')
   mem=$((mem * 95 / 100))
+  local want=${SSLPIPE_SLURM_CPUS:-16} overrides=""
+  [[ $want =~ ^[0-9]+$ ]] || die "SSLPIPE_SLURM_CPUS=$want is not a whole number of CPUs (e.g. 16, or 0 for what the machine has)"
+  if [ "$want" -gt "$cpus" ]; then
+    cpus=$want sockets=1 cores=$want threads=1 overrides="SlurmdParameters=config_overrides"
+  fi
   mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/d"
   cat > "$ETC/slurm.conf" <<EOF
 # Written by sslpipe scripts/slurm-cluster.sh: one node, accounting through slurmdbd.
@@ -77,6 +87,7 @@ AccountingStorageHost=localhost
 JobCompType=jobcomp/none
 KillWait=10
 MinJobAge=60
+$overrides
 NodeName=$host CPUs=$cpus SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
