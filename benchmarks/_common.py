@@ -90,8 +90,10 @@ class Training:
 
         from sslpipe.config import build, compose
         from sslpipe.data.views import MultiView
-        from sslpipe.distributed import training_step_module
-        from sslpipe.speed import build_optimizer, device_pool, prepare_model
+        from sslpipe.engine import TrainingStep
+        from sslpipe.data.loaders import device_pool
+        from sslpipe.engine import prepare_model
+        from sslpipe.optim import build_optimizer
         from sslpipe.stages import Context, build_backbone, build_method, build_splits
 
         self.cfg = cfg = compose(["stage=pretrain", *overrides])
@@ -106,7 +108,7 @@ class Training:
         self.views = MultiView(cfg.dataset.image_size, plan, list(cfg.dataset.norm.mean),
                                list(cfg.dataset.norm.std)).to(dev)
         self.optimizer = build_optimizer(build(st.optimizer), [p for p in self.method.parameters() if p.requires_grad], dev)
-        train_step = training_step_module(self.method)
+        train_step = TrainingStep(self.method)
         self.step = lambda images, labels, progress: train_step(self.views(images), labels, progress)
         self.batch_size = st.batch_size
 

@@ -24,7 +24,7 @@ def load_encoder(export: Path, manifest: dict) -> nn.Module:
     """The plain backbone, rebuilt from the manifest and filled strictly from encoder.*."""
     from hydra.utils import instantiate
 
-    from sslpipe.export import read_tensors
+    from sslpipe.tensorfiles import read_tensors
 
     build = {k: v for k, v in manifest["backbone"]["build"].items() if k != "name"}
     encoder = instantiate(build)
@@ -35,7 +35,7 @@ def load_encoder(export: Path, manifest: dict) -> nn.Module:
 def load_head(export: Path, manifest: dict, num_features: int, num_classes: int) -> nn.Linear | None:
     if "linear_head" not in manifest["files"]:
         return None
-    from sslpipe.export import read_tensors
+    from sslpipe.tensorfiles import read_tensors
 
     head = nn.Linear(num_features, num_classes)
     head.load_state_dict(read_tensors(export / manifest["files"]["linear_head"]["path"]), strict=True)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,29 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslpipe.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the
-    old file or the new one, never a torn one. Temp files of this path that a killed earlier
-    process left behind (SIGKILL runs no cleanup) are removed once the new file is in place;
-    one process writes a given checkpoint path, so none of them is still being written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    return path
+    """torch.save through sslpipe.atomic: a crash leaves the old checkpoint or the new one."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: str | Path) -> dict:
@@ -149,7 +131,7 @@ def _from_file(path: Path, spec: str) -> Pretrained:
 
 
 def _from_folder(path: Path, spec: str) -> Pretrained:
-    from sslpipe.export import read_tensors
+    from sslpipe.tensorfiles import read_tensors
 
     for suffix in (".safetensors", ".json"):
         if (path / f"encoder{suffix}").exists():

@@ -221,19 +221,3 @@ def weights_digest(named_parameters) -> str:
         digest.update(name.encode())
         digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def training_step_module(method):
-    """An nn.Module whose forward is `method.training_step`, so that DDP's forward (which arms
-    the gradient all-reduce) runs around the method's own step."""
-    import torch
-
-    class TrainingStep(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.method = inner
-
-        def forward(self, views, labels, progress):
-            return self.method.training_step(views, labels, progress)
-
-    return TrainingStep(method)

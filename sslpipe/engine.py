@@ -140,12 +140,46 @@ def total_steps(settings: LoopSettings, batches_per_epoch: int) -> int:
     return min(steps, settings.max_steps) if settings.max_steps else steps
 
 
+def has_convolutions(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def prepare_model(method: nn.Module, channels_last: bool, compile: bool) -> nn.Module:
+    """The model's fast path on a GPU: channels_last (NHWC) for CNN backbones (cuDNN's tensor-core
+    convolutions want it; NCHW costs a transpose per layer) and, with `compile`, `torch.compile` of
+    backbone and projector in place, so state-dict keys (and checkpoints) stay the same. bf16
+    autocast and the never-blocking loss read-back are in Loop."""
+    if channels_last and has_convolutions(method.backbone):
+        method.to(memory_format=torch.channels_last)
+    if compile:
+        for name in ("backbone", "projector"):
+            getattr(method, name).compile()  # nn.Module.compile: keys stay unprefixed
+    return method
+
+
+class TrainingStep(nn.Module):
+    """A method's training step as a module: `forward(views, labels, progress)` returns
+    `method.training_step(views, labels, progress)`, the method's loss. stage=pretrain wraps this
+    module in DDP (not the method itself), so DDP's forward, which arms the gradient all-reduce,
+    runs around the method's own step; checkpoints keep `method`'s keys, whatever the world size."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor:
+        return self.method.training_step(views, labels, progress)
+
+
 class Loop:
-    """`Loop(...).run()` trains to the end, resuming from `checkpoint_path` when it exists."""
+    """`Loop(...).run(log_metrics)` trains to the end, resuming from `checkpoint_path` when it
+    exists (`resume()` first). Each optimizer step is: `step(images, labels, progress)` -> loss,
+    backward, `before_optimizer_step(progress)` (after clipping; e.g. DINO's frozen last layer),
+    optimizer step, `after_step(progress)` (e.g. an EMA teacher's update)."""
 
     def __init__(self, model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
                  optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
-                 checkpoint_path: Path, log_metrics: Callable[[dict, int], None] = lambda m, s: None,
+                 checkpoint_path: Path,
                  after_step: Callable[[float], None] = lambda p: None,
                  before_optimizer_step: Callable[[float], None] = lambda p: None,
                  should_stop: Callable[[], bool] = lambda: False, progress=None, seed: int = 0):
@@ -153,7 +187,7 @@ class Loop:
             raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
         self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
         self.settings, self.device, self.path = settings, device, Path(checkpoint_path)
-        self.log_metrics, self.after_step, self.should_stop = log_metrics, after_step, should_stop
+        self.after_step, self.should_stop = after_step, should_stop
         self.before_optimizer_step = before_optimizer_step  # e.g. DINO's frozen last layer: grads set to None
         self.progress = progress  # e.g. sslpipe.progress.Progress: update(step, total, epoch, loss, images) per step
         self.total = total_steps(settings, len(loader))
@@ -212,7 +246,9 @@ class Loop:
         return True
 
     # ---------------------------------------------------------------- training
-    def run(self) -> LoopState:
+    def run(self, log_metrics: Callable[[dict, int], None] = lambda metrics, step: None) -> LoopState:
+        """Train to the end; every `settings.log_every` steps `log_metrics(metrics, step)` gets the
+        train/ loss, lr, images per second, data-wait share and epoch."""
         s, state = self.settings, self.state
         if not self.resumed:  # each rank's own augmentation / dropout stream (sslpipe.seeding)
             seeding.seed_rank_stream(self.seed, distributed.rank())
@@ -255,7 +291,7 @@ class Loop:
                     if state.step % s.log_every == 0 or state.step == self.total:
                         self.check_finite()
                         elapsed = time.perf_counter() - t_last
-                        self.log_metrics({
+                        log_metrics({
                             "train/loss": distributed.mean_over_ranks(float(loss_sum) / loss_n),
                             "train/lr": self.optimizer.param_groups[0]["lr"],
                             "train/images_per_s": images / max(elapsed, 1e-9),

@@ -4,6 +4,8 @@ parts; the stages build the parameter groups."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -73,3 +75,14 @@ def optimizer_config(stage, method):
         raise ValueError(f"stage.optimizer_from=method: {method.name}'s yaml gives no optim.optimizer (its paper's "
                          "optimizer); use stage.optimizer_from=stage")
     return node
+
+
+def build_optimizer(factory, params, device: torch.device) -> torch.optim.Optimizer:
+    """`factory(params)`, with `fused=True` on CUDA where the optimizer class takes it (SGD, Adam,
+    AdamW: one kernel for all parameters)."""
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    keywords = factory.keywords if isinstance(factory, functools.partial) else {}
+    takes_fused = inspect.isclass(cls) and "fused" in inspect.signature(cls).parameters
+    if device.type == "cuda" and takes_fused and keywords.get("fused") is None:
+        return factory(params, fused=True)
+    return factory(params)

@@ -8,9 +8,7 @@ plus the first and the last step. Never both. `SSLPIPE_PROGRESS=tty|log|off` for
 The training loop calls `update` once per optimizer step. The call costs one clock read
 and a few additions; the loss (a device tensor) is read back only when a line is drawn,
 so on CUDA the host waits for the device at most as often as the display refreshes.
-
-`write_results` is the end of a run: a compact markdown table printed and saved as
-results.md in the stage's run folder."""
+The table at the end of a run is sslpipe.results."""
 
 from __future__ import annotations
 
@@ -18,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
 MODES = ("auto", "tty", "log", "off")
@@ -153,14 +150,3 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------- the end of a run
-def write_results(run_dir: Path, title: str, table: str, stream: TextIO | None = None) -> Path:
-    """Print `table` under `title` and save both as `run_dir`/results.md."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "results.md"
-    path.write_text(f"# {title}\n\n{table}\n")
-    print(f"\n{title}\n{table}\n(saved to {path})\n", file=stream or sys.stdout, flush=True)
-    return path

@@ -306,6 +306,21 @@ class Tracker:
         return Run(self.client, created.info.run_id, spill_dir=self.spill_dir)
 
 
+def open_tracker(tracking, folder: Path) -> Tracker:
+    """The run's tracker: the shared store (`tracking.uri`, or MLFLOW_TRACKING_URI), refused when it
+    is a SQLite file on a network file system; or with `tracking.mode=offline` a store in the run
+    folder (`<run folder>/tracking/`), uploaded later by `python -m sslpipe.sync`."""
+    mode = tracking.get("mode", "shared")
+    if mode == "offline":
+        uri, artifacts = offline_store(folder)
+        return Tracker(uri, tracking.experiment, artifacts, environment=False)
+    if mode != "shared":
+        raise ValueError(f"tracking.mode={mode!r}: choose shared (tracking.uri or MLFLOW_TRACKING_URI) or offline "
+                         "(a store in the run folder, uploaded later by python -m sslpipe.sync)")
+    check_sqlite_location(tracking_uri(tracking.uri))
+    return Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+
+
 def resolve_run_checkpoint(spec: str, uri: str | None = None) -> str:
     """runs:/<id> -> a local checkpoint: the path the run recorded (tag `sslpipe.checkpoint`)
     when it still exists here, else the run's `checkpoints/` artefact, downloaded."""

@@ -45,7 +45,6 @@ RULES: list[Rule] = [
     ("stage*.max_steps", "null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
     ("stage*.grad_accum", "an integer >= 1", lambda v: _int(v) and v >= 1),
     ("stage*.split_bn", "an integer >= 1", lambda v: _int(v) and v >= 1),
-    ("stage*.num_workers", "an integer >= 0", lambda v: _int(v) and v >= 0),
     ("stage*.checkpoint_every", "an integer >= 1", lambda v: _int(v) and v >= 1),
     ("stage*.log_every", "an integer >= 1", lambda v: _int(v) and v >= 1),
     ("stage*.lr", "a learning rate > 0", lambda v: _num(v) and v > 0),

@@ -6,7 +6,7 @@ MLflow once instead of once per run.
     python -m torch.distributed.run --nproc_per_node=2 tests/run_many.py <out dir> <jobs.json>
 
 jobs.json: [{"name": "simclr", "overrides": ["method=simclr", ...]}, ...]. Each job runs through
-`sslpipe.run.run` (the path the CLI takes) in <out dir>/<name>, tracking to <out dir>/mlflow.db.
+`sslpipe.__main__.run` (the path the CLI takes) in <out dir>/<name>, tracking to <out dir>/mlflow.db.
 `--kill-after-checkpoint N` runs each job in a forked child that SIGKILLs itself right after
 the checkpoint of step N is written (a crash at the worst moment for resume); the parent,
 which computes nothing itself, waits for each and moves on to the next (one process only)."""
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     out, jobs = Path(argv[0]).resolve(), json.loads(Path(argv[1]).read_text())
     from sslpipe import distributed, engine
     from sslpipe.config import compose
-    from sslpipe.run import run
+    from sslpipe.__main__ import run
 
     if kill_at is not None:
         save = engine.Loop.save

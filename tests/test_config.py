@@ -49,7 +49,7 @@ def test_embedded_dataset_builds_split():
 def test_cfg_job_does_not_import_torch_or_mlflow():
     import subprocess
 
-    code = ("import sys; sys.argv=['sslpipe','--cfg','job']; from sslpipe.cli import main\n"
+    code = ("import sys; sys.argv=['sslpipe','--cfg','job']; from sslpipe.__main__ import main\n"
             "try: main()\nexcept SystemExit: pass\n"
             "bad=[m for m in ('torch','mlflow','lightly','timm') if m in sys.modules]; print('IMPORTED', bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

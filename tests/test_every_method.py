@@ -4,7 +4,7 @@ the pretrained encoder and on a random-init one of the same architecture in the 
 and iBOT's teacher and centre move (tests/test_methods.py::test_loss_falls holds them fixed to
 test the student's fit; here a collapse would show as a kNN at or below random init's).
 
-The export folder is read back through its manifest (`sslpipe.export.load_encoder`) and must
+The export folder is read back through its manifest (`sslpipe.load_encoder`) and must
 give the features of the encoder the pipeline saved."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
 from sslpipe import checkpoint as ckpt
-from sslpipe.export import load_encoder
+from sslpipe import load_encoder  # the public name the README gives (sslpipe/__init__.py)
 
 pytestmark = pytest.mark.slow
 

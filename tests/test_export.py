@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, run_cli
 
 from sslpipe.config import build, compose
-from sslpipe.export import load_encoder
+from sslpipe import load_encoder  # the public name the README gives (sslpipe/__init__.py)
 
 BACKBONES = sorted(p.stem for p in (REPO / "conf" / "backbone").glob("*.yaml"))
 # Stock timm architectures: the manifest must send these to timm.create_model; the others
@@ -46,7 +46,7 @@ def test_every_backbone_reloads_through_its_manifest(tmp_path, backbone):
     if backbone in TIMM:
         import timm
 
-        from sslpipe.export import read_tensors
+        from sslpipe.tensorfiles import read_tensors
 
         assert spec["call"] == "timm.create_model" and manifest["backbone"]["timm_name"] == spec["args"][0]
         model = timm.create_model(*spec["args"], **spec["kwargs"]).eval()

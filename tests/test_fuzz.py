@@ -71,7 +71,7 @@ def test_cli_never_prints_a_traceback(tmp_path_factory, pairs):
 def test_only_bugs_are_reported_as_internal_errors():
     from mlflow.exceptions import MlflowException
 
-    from sslpipe.cli import is_user_error
+    from sslpipe.hints import is_user_error
     from sslpipe.validate import ConfigError
 
     for err in (ValueError("x"), ConfigError("x"), FileNotFoundError("x"), RuntimeError("x"), MlflowException("x")):

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from sslpipe.config import build, compose
-from sslpipe.export import read_tensors
+from sslpipe.tensorfiles import read_tensors
 
 pytestmark = pytest.mark.slow
 

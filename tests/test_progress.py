@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from sslpipe.progress import Progress, write_results
+from sslpipe.progress import Progress
+from sslpipe.results import write_results
 
 TTY_LINE = "\r\x1b[2K"
 

@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from sslpipe.data.fastaug import ColorJitter, RandomResizedCrop
-from sslpipe.speed import prepare_model
+from sslpipe.engine import prepare_model
 
 
 def _simclr_loss(channels_last: bool, compile: bool = False) -> float:

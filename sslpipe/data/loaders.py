@@ -4,12 +4,21 @@ DataLoader workers)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from sslpipe.data import EpochLoader, Split
 from sslpipe.data.files import FileSplit
 from sslpipe.data.shards import ShardLoader, ShardSplit
 from sslpipe.data.stream import CropSpec, StreamLoader
+
+log = logging.getLogger(__name__)
+
+# Share of the GPU's free memory that an in-memory split's uint8 image pool may take: CIFAR-10's
+# 50k images are 150 MB, so a batch becomes an index lookup on the device with no host-to-device
+# copy to wait for; a pool too large for that stays on the host and each batch is copied.
+POOL_SHARE = 0.25
 
 
 def is_streamed(split) -> bool:
@@ -59,3 +68,16 @@ def eval_loader(split: Split | FileSplit, batch_size: int):
     if is_streamed(split):
         return StreamLoader(split, split.settings, batch_size, crops=None, shuffle=False, drop_last=False)
     return EpochLoader(split, batch_size, shuffle=False, drop_last=False)
+
+
+def device_pool(split: Split, device: torch.device) -> Split:
+    """`split` on `device` when it fits in POOL_SHARE of the free GPU memory; else `split` itself."""
+    if device.type != "cuda":
+        return split
+    need = split.images.nbytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= POOL_SHARE * free:
+        return Split(split.images.to(device), split.labels)  # labels stay on the host: samplers read them
+    log.info("image pool (%.1f GB) kept on the host: more than %.0f%% of the GPU's free %.1f GB",
+             need / 1e9, 100 * POOL_SHARE, free / 1e9)
+    return split

@@ -23,12 +23,35 @@ from torch import nn
 
 
 class Method(Protocol):
+    """The members every method has; stage=pretrain, the loop and export use them. The
+    optional ones are in OPTIONAL with the value a method without them gets (`capability`)."""
+
     backbone: nn.Module
     projector: nn.Module
     global_views: int
     local_views: int
     needs_labels: bool
+    objective: str  # the loss's name, written to the export manifest
 
     def training_step(self, views: list[torch.Tensor], labels: torch.Tensor, progress: float) -> torch.Tensor: ...
 
     def after_step(self, progress: float) -> None: ...
+
+
+# Optional members of a method, and what a method without one gets.
+OPTIONAL = {
+    "needs_vit": False,             # masked patch tokens need a timm ViT (iBOT, MAE)
+    "needs_sample_ids": False,      # each image's index as its label (MoCo v1/v2: the queue's own keys)
+    "class_balanced": False,        # batches of classes x samples_per_class images (SIMO2)
+    "sync_bn": True,                # SyncBatchNorm over the global batch on GPUs (MoCo v1/v2: False, Shuffle-BN)
+    "evaluated_encoder": "student",  # "teacher": the paper evaluates the EMA copy (DINO, iBOT)
+    "fit_data": None,               # fit_data(num_images, batch_size) before training (MoCo caps its queue)
+    "before_optimizer_step": None,  # (progress) between backward and the optimizer step (DINO, iBOT)
+}
+
+
+def capability(method, name: str):
+    """`method`'s (or its class's) optional member `name`, or OPTIONAL's default for it."""
+    if name not in OPTIONAL:
+        raise KeyError(f"{name!r} is not an optional method member; they are: {', '.join(OPTIONAL)}")
+    return getattr(method, name, OPTIONAL[name])

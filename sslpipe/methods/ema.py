@@ -8,6 +8,8 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
+from sslpipe.methods import capability
+
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` that gets no gradients (the teacher starts equal to the student)."""
@@ -28,7 +30,7 @@ def saved_encoder(method: nn.Module, which: str | None) -> tuple[str, nn.Module,
     `teacher_without_ddp` checkpoint; iBOT the same)."""
     from sslpipe.validate import ConfigError
 
-    which = which or getattr(method, "evaluated_encoder", "student")
+    which = which or capability(method, "evaluated_encoder")
     if which not in ENCODERS:
         raise ConfigError(f"stage.encoder='{which}' is not one of: null (the method's), {', '.join(ENCODERS)}")
     if which == "student":

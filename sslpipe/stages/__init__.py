@@ -4,7 +4,6 @@ data, build model, fit or evaluate, log, return metrics. This module holds what 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,6 @@ from sslpipe.validate import redact
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "knn", "linear_probe", "mlp_probe", "finetune", "segment", "visualize", "export", "pipeline")
-
-
 @dataclass
 class Context:
     cfg: DictConfig             # the whole config; cfg.stage is this stage's node
@@ -34,19 +30,23 @@ class Context:
     run_name_suffix: str = ""
     loader: str | None = None   # memory | stream: how build_splits read the data (an MLflow tag)
     stop: StopSignal | None = None  # SIGUSR2 / SIGTERM seen (sslpipe.preempt): training loops poll it
+    # what earlier pipeline steps hand this one (export: `linear_head`, the linear probe's head file,
+    # and `metrics`, the probes' results for the manifest); results never go into the config
+    inputs: dict = field(default_factory=dict)
 
     def should_stop(self) -> bool:
         """Whether any rank caught a stop signal; a collective under DDP (every rank asks)."""
         return self.stop is not None and self.stop.requested()
 
-    def for_stage(self, name: str, pretrained: str | None, sub_dir: str, suffix: str = "") -> "Context":
+    def for_stage(self, name: str, pretrained: str | None, sub_dir: str, suffix: str = "",
+                  inputs: dict | None = None) -> "Context":
         """The context of one pipeline step: cfg.stage replaced by cfg.stage.<name>."""
         cfg = self.cfg.copy()
         with open_dict(cfg):
             cfg.stage = self.cfg.stage[name]
             cfg.pretrained = pretrained
         return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix, self.loader,
-                       self.stop)
+                       self.stop, inputs or {})
 
 
 @dataclass
@@ -55,14 +55,6 @@ class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)   # e.g. checkpoint, linear_head, export_dir
     steps: dict[str, dict[str, float]] = field(default_factory=dict)  # stage=pipeline: each step's metrics
     run_id: str | None = None
-
-
-def dispatch(ctx: Context) -> StageResult:
-    name = ctx.cfg.stage.name
-    if name not in STAGES:
-        raise ValueError(f"stage.name='{name}' is not a stage; valid: {', '.join(STAGES)}")
-    module = importlib.import_module(f"sslpipe.stages.{name}")
-    return module.run(ctx)
 
 
 def tags(ctx: Context) -> dict[str, str]:
@@ -247,17 +239,14 @@ def extract_features(backbone: torch.nn.Module, split, normalize, device: torch.
     return features
 
 
-def print_table(title: str, text: str) -> None:
-    print(f"\n{title}\n{text}\n", flush=True)
-
-
 def log_classification(run: Run, ctx: Context, predictions: dict[str, tuple], classes: list[str]) -> dict[str, float]:
     """Log `<split>/top1` and `<split>/f1_macro` for each split in `predictions`
     ({"val": (y_true, y_pred), "test": ...}), the test split's per-class report
     (classification_report.json) and confusion matrix plot. Returns the metrics."""
     import json
 
-    from sslpipe.reports import classification_metrics, confusion_plot
+    from sslpipe.metrics import classification_metrics
+    from sslpipe.plots import confusion_plot
 
     metrics: dict[str, float] = {}
     for split, (y_true, y_pred) in predictions.items():

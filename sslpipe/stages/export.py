@@ -3,7 +3,7 @@ manifest.json + encoder / projector / linear_head tensors as safetensors or JSON
 The encoder's keys are the plain backbone's; the manifest's `backbone.constructor` names the call
 that builds its architecture (`timm.create_model(<name>, **kwargs)` where a stock timm model is
 that network, e.g. the ViTs with `patch_size=4, img_size=32`; sslpipe's builder where none is,
-e.g. the CIFAR-stem ResNets), and `sslpipe.export.load_encoder(folder)` does it in one call."""
+e.g. the CIFAR-stem ResNets), and `sslpipe.load_encoder(folder)` does it in one call."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from sslpipe.checkpoint import load_encoder_state, pretrained_parts
-from sslpipe.export import FORMATS, constructor, read_tensors, write_tensors
-from sslpipe.stages import Context, StageResult, build_backbone, print_table, stage_run
+from sslpipe.tensorfiles import FORMATS, constructor, read_tensors, write_tensors
+from sslpipe.results import print_table
+from sslpipe.stages import Context, StageResult, build_backbone, stage_run
 from sslpipe.tracking import git_commit
 
 FORMAT_VERSION = 1
@@ -47,7 +48,7 @@ def _manifest(ctx: Context, files: dict, run_id: str | None, source: str, num_fe
         "files": files,
         "downstream": {"compatible": COMPATIBLE, "num_classes": cfg.dataset.num_classes},
         "recommended": OmegaConf.to_container(st.recommended, resolve=True),
-        "metrics": OmegaConf.to_container(st.metrics, resolve=True),
+        "metrics": ctx.inputs.get("metrics", {}),  # a pipeline's probe results
         "provenance": {"mlflow_run_id": run_id, "pretrained": source, "git_commit": git_commit()},
     }
 
@@ -67,8 +68,9 @@ def run(ctx: Context) -> StageResult:
     staging.mkdir(parents=True)
     suffix = ".safetensors" if st.format == "safetensors" else ".json"
     tensors = {"encoder": backbone.state_dict(), "projector": parts.projector}
-    if st.linear_head:
-        tensors["linear_head"] = read_tensors(Path(st.linear_head))
+    linear_head = st.linear_head or ctx.inputs.get("linear_head")  # yours, or a pipeline's linear probe's
+    if linear_head:
+        tensors["linear_head"] = read_tensors(Path(linear_head))
     with stage_run(ctx) as run:
         files = {name: {"path": f"{name}{suffix}", "tensors": write_tensors(t, staging / f"{name}{suffix}")}
                  for name, t in tensors.items() if t}

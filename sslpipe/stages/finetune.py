@@ -21,8 +21,9 @@ from sslpipe.data.views import Augment, base_spec
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.progress import Progress
+from sslpipe.results import print_table
 from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, log_classification, normalizer,
-                            print_table, protocol_params, stage_run)
+                            protocol_params, stage_run)
 
 
 class Classifier(nn.Module):
@@ -119,9 +120,8 @@ def run(ctx: Context) -> StageResult:
         run.log_params({**protocol_params(ctx, epochs=st.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr,
                                         layer_decay=st.layer_decay),
                         **lr_scale.params(backbone_lr=st.backbone_lr, head_lr=st.head_lr), "pretrained.source": source})
-        loop.log_metrics = run.log_metrics
         with progress:  # ends the terminal line even when training fails
-            loop.run()
+            loop.run(run.log_metrics)
         run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ evaluate
         predictions = {name: (split.labels, predict(model, split, norm, ctx.device))

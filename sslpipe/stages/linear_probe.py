@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslpipe.export import write_tensors
+from sslpipe.tensorfiles import write_tensors
 from sslpipe.stages import Context, StageResult
 from sslpipe.engine import LrScale
 from sslpipe.stages.probe import Fitted, fit_head, head_lr_scale, run_probe

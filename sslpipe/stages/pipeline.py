@@ -15,17 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import open_dict
+from hydra.utils import get_method
+from omegaconf import DictConfig
 
 from sslpipe import distributed
 from sslpipe.engine import Preempted
-from sslpipe.export import _atomic_write as atomic_write
+from sslpipe.atomic import atomic_write
 
-from sslpipe.progress import write_results
-from sslpipe.reports import results_table
-from sslpipe.stages import STAGES, Context, StageResult, dispatch, resolve_num_classes, stage_run
+from sslpipe.results import results_table, write_results
+from sslpipe.stages import Context, StageResult, resolve_num_classes, stage_run
 
-STEPS = tuple(s for s in STAGES if s not in ("pretrain", "pipeline"))
 PROBES = ("knn", "linear_probe", "mlp_probe", "finetune")   # classification: test/top1 heads their row
 DENSE = ("segment",)                                          # segmentation: test/iou heads its row
 COLUMNS = ["step", "pretrained", "test/top1", "val/top1", "test/f1_macro", "test/iou", "test/f1"]
@@ -38,10 +37,13 @@ def _headline(row: dict) -> dict[str, float]:
     return {f"{name}/{key.replace('/', '_')}": row[key]} if key in row else {}
 
 
-def _check(names, key: str) -> None:
-    bad = [n for n in names if n not in STEPS]
+def _check(st, key: str) -> None:
+    """Every name in stage.<key> is a step: a node of stage=pipeline's config with a stage `_target_`
+    (conf/stage/pipeline.yaml's defaults), pretrain aside."""
+    steps = [k for k, v in st.items() if isinstance(v, DictConfig) and "_target_" in v and k != "pretrain"]
+    bad = [n for n in st[key] if n not in steps]
     if bad:
-        raise ValueError(f"stage.{key} has unknown step(s) {bad}; valid: {', '.join(STEPS)}")
+        raise ValueError(f"stage.{key} has unknown step(s) {bad}; valid: {', '.join(steps)}")
 
 
 class Journal:
@@ -64,8 +66,8 @@ class Journal:
 
 def run(ctx: Context) -> StageResult:
     cfg, st = ctx.cfg, ctx.cfg.stage
-    _check(st.stages, "stages")
-    _check(st.baseline, "baseline")
+    _check(st, "stages")
+    _check(st, "baseline")
     rows, results = [], {}
     resolve_num_classes(ctx)  # every step, export's manifest too, sees the inferred count
     journal = Journal(ctx.run_dir / "pipeline.json")
@@ -78,7 +80,7 @@ def run(ctx: Context) -> StageResult:
             if key not in journal.steps:
                 if ctx.should_stop():  # a signal during a step without a training loop: stop between steps
                     raise Preempted(f"stopped before pipeline step {key} by a signal; {journal.path} has the rest")
-                out = dispatch(sub)
+                out = get_method(sub.cfg.stage._target_)(sub)  # conf/stage/<step>.yaml names it
                 journal.steps[key] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
                 journal.save()
             return journal.steps[key]
@@ -88,11 +90,9 @@ def run(ctx: Context) -> StageResult:
         checkpoint = pre["outputs"]["checkpoint"]
         probe_metrics: dict[str, float] = {}
         for name in st.stages:
-            sub = ctx.for_stage(name, checkpoint, "." if name == "export" else name)
-            if name == "export":
-                with open_dict(sub.cfg):
-                    sub.cfg.stage.linear_head = results.get("linear_probe", {}).get("outputs", {}).get("linear_head")
-                    sub.cfg.stage.metrics = probe_metrics
+            handed = {"linear_head": results.get("linear_probe", {}).get("outputs", {}).get("linear_head"),
+                      "metrics": dict(probe_metrics)} if name == "export" else None
+            sub = ctx.for_stage(name, checkpoint, "." if name == "export" else name, inputs=handed)
             results[name] = out = step(name, sub)
             if name in PROBES:
                 probe_metrics.update({f"{name}/{k}": v for k, v in out["metrics"].items()})

@@ -12,18 +12,18 @@ from sslpipe import checkpoint as ckpt
 from sslpipe import distributed
 from sslpipe.batchnorm import convert_split_bn
 from sslpipe.config import build
-from sslpipe.data.loaders import is_streamed, ops_in_workers, training_loader, with_sample_ids
+from sslpipe.data.loaders import device_pool, is_streamed, ops_in_workers, training_loader, with_sample_ids
 from sslpipe.data.samplers import ClassBalancedLoader
 from sslpipe.data.views import MultiView
 from sslpipe.distributed import rank, world_size
-from sslpipe.engine import Loop, LoopSettings, LrScale
+from sslpipe.engine import Loop, LoopSettings, LrScale, TrainingStep, prepare_model
+from sslpipe.methods import capability
 from sslpipe.methods.ema import saved_encoder
 from sslpipe.monitor import Monitor, subset
-from sslpipe.optim import optimizer_config, weight_decay_groups
+from sslpipe.optim import build_optimizer, optimizer_config, weight_decay_groups
 from sslpipe.progress import Progress
-from sslpipe.speed import build_optimizer, device_pool, prepare_model
-from sslpipe.stages import (Context, StageResult, build_backbone, build_method, build_splits, normalizer, print_table,
-                            stage_run)
+from sslpipe.results import print_table
+from sslpipe.stages import Context, StageResult, build_backbone, build_method, build_splits, normalizer, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def check_pairing(method_name: str, method_cls, backbone: torch.nn.Module, backb
     from sslpipe.methods.vit import is_vit
     from sslpipe.validate import ConfigError
 
-    if getattr(method_cls, "needs_vit", False) and not is_vit(backbone):
+    if capability(method_cls, "needs_vit") and not is_vit(backbone):
         raise ConfigError(f"{method_name} needs a ViT backbone ({', '.join(vit_backbones())}); got {backbone_name}")
 
 
@@ -59,9 +59,9 @@ def _loader(cfg, method_cls, train, views: MultiView, device: torch.device):
     from sslpipe.validate import ConfigError
 
     st = cfg.stage
-    if getattr(method_cls, "needs_sample_ids", False):  # MoCo v1/v2: each image's index as its "label"
+    if capability(method_cls, "needs_sample_ids"):  # MoCo v1/v2: each image's index as its "label"
         train = with_sample_ids(train)
-    if not getattr(method_cls, "class_balanced", False):
+    if not capability(method_cls, "class_balanced"):
         return training_loader(train, st.batch_size, views.crops(), seed=cfg.seed, rank=rank(),
                                world_size=world_size(), device=device)
     if is_streamed(train):
@@ -87,7 +87,7 @@ def run(ctx: Context) -> StageResult:
     backbone = build_backbone(ctx)
     check_pairing(cfg.method.name, method_cls, backbone, cfg.backbone.name)
     # ------------------------------------------------------------ data
-    splits = build_splits(ctx, labelled=getattr(method_cls, "needs_labels", False))  # supervised: labelled train only
+    splits = build_splits(ctx, labelled=method_cls.needs_labels)  # supervised: labelled train only
     train = splits.train if is_streamed(splits.train) else device_pool(splits.train, ctx.device)
     # ------------------------------------------------------------ model and views
     method, plan = build_method(cfg, backbone)  # and its views: the paper's, adapted to the data
@@ -98,10 +98,10 @@ def run(ctx: Context) -> StageResult:
     views = MultiView(cfg.dataset.image_size, plan, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std),
                       crop=not is_streamed(train), in_workers=ops_in_workers(train, ctx.device)).to(ctx.device)
     loader = _loader(cfg, method_cls, train, views, ctx.device)
-    if hasattr(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
+    if capability(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
         method.fit_data(len(splits.train), loader.batch_size)
     method = method.to(ctx.device)
-    method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # sslpipe.speed
+    method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # channels_last, torch.compile
     # the stage's optimizer or the method paper's (stage.optimizer_from); its lr is per 256 images and
     # the step's rate follows the global batch (engine.LrScale)
     opt = optimizer_config(st, cfg.method)
@@ -111,8 +111,8 @@ def run(ctx: Context) -> StageResult:
     groups = weight_decay_groups(method, opt.get("weight_decay", 0.0), st.weight_decay_exclude)
     optimizer = build_optimizer(factory, groups, ctx.device)
 
-    train_step = distributed.wrap(distributed.training_step_module(method), ctx.device,  # DDP when distributed
-                                  sync_bn=getattr(method_cls, "sync_bn", True))
+    train_step = distributed.wrap(TrainingStep(method), ctx.device,  # DDP when distributed
+                                  sync_bn=capability(method_cls, "sync_bn"))
 
     def step(images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         return train_step(views(images), labels, progress)
@@ -121,8 +121,8 @@ def run(ctx: Context) -> StageResult:
     progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
     settings = LoopSettings.of_stage(st, recipe=cfg.method.get("optim"))  # clipping etc.: the method's paper
     loop = Loop(method, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
-                after_step=method.after_step, before_optimizer_step=getattr(method, "before_optimizer_step", lambda p: None),
-                should_stop=ctx.should_stop,  # SIGUSR2 / SIGTERM: checkpoint at the next step (sslpipe.run)
+                after_step=method.after_step, before_optimizer_step=capability(method, "before_optimizer_step") or (lambda p: None),
+                should_stop=ctx.should_stop,  # SIGUSR2 / SIGTERM: checkpoint at the next step (sslpipe/__main__.py)
                 progress=progress, seed=cfg.seed)
     loop.resume()
     monitor = _monitor(ctx, splits, method, loop.total, loop.state.step)
@@ -173,8 +173,7 @@ def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor |
                                                       f"rank {online['online/rank']:.2f}"})
             run.log_metrics({**metrics, **online}, step_no)
 
-        loop.log_metrics = log_metrics
-        loop.run()
+        loop.run(log_metrics)
         run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ save and log
         final = ctx.run_dir / "checkpoints" / "final.pt"
@@ -186,7 +185,7 @@ def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor |
         if cfg.tracking.log_checkpoints:
             run.log_artifact(final, "checkpoints")
         if history:
-            from sslpipe.reports import curve_plot
+            from sslpipe.plots import curve_plot
 
             steps, losses, lrs = (list(v) for v in zip(*history))
             run.log_artifact(curve_plot(steps, losses, ctx.run_dir / "loss_curve.png", "train/loss"), "plots")

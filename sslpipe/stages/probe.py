@@ -22,8 +22,9 @@ from torch import nn
 
 from sslpipe.checkpoint import load_pretrained
 from sslpipe.engine import LrScale
+from sslpipe.results import print_table
 from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, extract_features, log_classification,
-                            normalizer, print_table, protocol_params, stage_run)
+                            normalizer, protocol_params, stage_run)
 
 
 @dataclass

@@ -19,7 +19,8 @@ from sslpipe.config import build
 from sslpipe.data import EpochLoader, Split
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale
-from sslpipe.stages import Context, StageResult, build_backbone, build_splits, normalizer, print_table, protocol_params, stage_run
+from sslpipe.results import print_table
+from sslpipe.stages import Context, StageResult, build_backbone, build_splits, normalizer, protocol_params, stage_run
 
 LOSSES = ("bce", "dice")
 
@@ -85,11 +86,9 @@ def predict_masks(model: nn.Module, split: Split, normalize, device: torch.devic
 
 def sample_plot(split: Split, pred: torch.Tensor, path, title: str, n: int = 8):
     """n test images with their true and predicted masks, one column each."""
-    import matplotlib
+    from sslpipe.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = min(n, len(split))
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
     for i in range(n):
@@ -103,10 +102,7 @@ def sample_plot(split: Split, pred: torch.Tensor, path, title: str, n: int = 8):
             if i == 0:
                 axes[r, i].set_ylabel(label)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _require_masks(splits, dataset: str) -> None:
@@ -165,8 +161,7 @@ def run(ctx: Context) -> StageResult:
                                           backbone_lr=st.backbone_lr, head_lr=st.head_lr,
                                           freeze_backbone=st.freeze_backbone),
                         **lr_scale.params(backbone_lr=st.backbone_lr, head_lr=st.head_lr), "pretrained.source": source})
-        loop.log_metrics = run.log_metrics
-        loop.run()
+        loop.run(run.log_metrics)
         run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ evaluate and log
         metrics: dict[str, float] = {}

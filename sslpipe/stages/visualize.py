@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from sslpipe.checkpoint import load_pretrained
-from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, extract_features, normalizer, print_table,
-                            stage_run)
+from sslpipe.results import print_table
+from sslpipe.stages import Context, StageResult, build_backbone, build_splits, extract_features, normalizer, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,9 @@ def embed_2d(method: str, x: np.ndarray, seed: int, perplexity: float = 30.0) ->
 
 
 def scatter(points: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
-    import matplotlib
+    from sslpipe.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for c in np.unique(labels):
@@ -54,10 +52,7 @@ def scatter(points: np.ndarray, labels: np.ndarray, classes: list[str], path: Pa
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def closest_pairs(features: torch.Tensor, labels: torch.Tensor, n: int) -> list[tuple[int, int]]:

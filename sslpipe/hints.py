@@ -1,38 +1,12 @@
-"""The Hydra entry point: compose the config, hand it to `sslpipe.run.run`.
-
-Only hydra and omegaconf are imported here, so `--cfg job` and `--help` stay fast;
-torch, mlflow and the rest load inside `run()`.
-"""
+"""What the command says about bad input, before and after Hydra: a group option that does not
+exist (`method=nosuch`), a key the config does not have (`stage.epoch=3`), and whether an error
+escaping a stage is the input's fault or sslpipe's bug. Only hydra and omegaconf are imported."""
 
 from __future__ import annotations
 
 import difflib
-import os
-import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
-
-
-@hydra.main(version_base="1.3", config_path="pkg://sslpipe.conf", config_name="config")
-def _app(cfg: DictConfig) -> dict | None:
-    from sslpipe.run import run
-
-    try:
-        return run(cfg)
-    except Exception as err:  # noqa: BLE001 - one clear line, the traceback only on request
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        if not is_user_error(err):  # a TypeError, KeyError, ...: sslpipe's bug, not the input
-            import traceback
-
-            traceback.print_exc()
-            print(f"sslpipe: internal error (a bug, not your input; please report it): {type(err).__name__}: {err}",
-                  file=sys.stderr)
-            sys.exit(1)
-        print(f"sslpipe: error: {err}", file=sys.stderr)
-        print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
 
 
 def is_user_error(err: Exception) -> bool:
@@ -96,18 +70,3 @@ def check_choices(args: list[str]) -> str | None:
             if option not in valid:
                 return f"sslpipe: error: {key}={option} is not an option of '{key}'; valid: {', '.join(valid)}"
     return None
-
-
-def main() -> None:
-    bad = check_choices(sys.argv[1:])
-    if bad:
-        print(bad, file=sys.stderr)
-        sys.exit(2)
-    try:
-        _app()
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            hint = unknown_key_hint(sys.argv[1:])
-            if hint:
-                print(hint, file=sys.stderr)
-        raise

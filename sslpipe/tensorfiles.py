@@ -5,24 +5,13 @@ shape-tagged snapshots of spiral-selfsup's st-model-hub exports)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from sslpipe.atomic import atomic_write
+
 FORMATS = ("safetensors", "json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
@@ -31,11 +20,11 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
     elif path.suffix == ".json":
         snapshot = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                         "data": v.flatten().tolist()} for k, v in tensors.items()}
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(snapshot)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(snapshot)))
     else:
         raise ValueError(f"unknown tensor file suffix '{path.suffix}'; valid: .safetensors, .json")
     return {k: list(v.shape) for k, v in tensors.items()}
@@ -71,7 +60,7 @@ def constructor(build: dict) -> dict:
 
 def load_encoder(folder: str | Path) -> torch.nn.Module:
     """The exported encoder, built as the manifest's `backbone.constructor` says and loaded with
-    strict keys: one call for any export folder (`sslpipe.export.load_encoder(path)`)."""
+    strict keys: one call for any export folder (`sslpipe.load_encoder(path)`)."""
     import importlib
 
     folder = Path(folder)
