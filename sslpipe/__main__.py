@@ -125,23 +125,6 @@ def objective_value(key: str, result) -> float:
     return float(found[key])
 
 
-def make_tracker(tracking, folder: Path):
-    """The run's tracker: the shared store (`tracking.uri`, or MLFLOW_TRACKING_URI), refused when it
-    is a SQLite file on a network file system; or with `tracking.mode=offline` a store in the run
-    folder (`<run folder>/tracking/`), uploaded later by `python -m sslpipe.sync`."""
-    from sslpipe.tracking import Tracker, check_sqlite_location, offline_store, tracking_uri
-
-    mode = tracking.get("mode", "shared")
-    if mode == "offline":
-        uri, artifacts = offline_store(folder)
-        return Tracker(uri, tracking.experiment, artifacts, environment=False)
-    if mode != "shared":
-        raise ValueError(f"tracking.mode={mode!r}: choose shared (tracking.uri or MLFLOW_TRACKING_URI) or offline "
-                         "(a store in the run folder, uploaded later by python -m sslpipe.sync)")
-    check_sqlite_location(tracking_uri(tracking.uri))
-    return Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
-
-
 def _results_table(ctx, metrics: dict, wall_s: float) -> None:
     """A single stage's metrics as a compact table, printed and saved as results.md in its run folder."""
     from sslpipe.distributed import is_main
