@@ -194,7 +194,7 @@ def test_pipeline_stopped_in_finetune_resumes_into_one_parent_run(tmp_path, pipe
     done = _cli([*PIPELINE, f"hydra.run.dir={run_dir}"], tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| finetune |" in done.stdout
-    assert f"resumed from {in_finetune}" in (run_dir / "cli.log").read_text()
+    assert f"resumed from {in_finetune}" in (run_dir / "sslpipe.log").read_text()
     assert_resumed_pipeline_matches(tmp_path, run_dir, pipeline_reference)
 
 
