@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sslpipe.checkpoint import load_encoder_state
+from sslpipe.pretrained import load_encoder_state
 from sslpipe.config import build, compose
 
 

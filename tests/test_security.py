@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_PRETRAIN
-from sslpipe.checkpoint import pretrained_parts
+from sslpipe.pretrained import pretrained_parts
 from sslpipe.validate import redact
 
 

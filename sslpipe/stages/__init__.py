@@ -51,8 +51,12 @@ class Context:
 
 @dataclass
 class StageResult:
+    """What a stage returns: its metrics, the files it made that later steps use, its MLflow run."""
     metrics: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)   # e.g. checkpoint, linear_head, export_dir
+    checkpoint: str | None = None   # pretrain / finetune / segment: the weights (a later step's pretrained=)
+    head: str | None = None         # linear / mlp probe: the trained head's tensor file (export includes the linear one)
+    export_dir: str | None = None   # export: the folder
+    plots: str | None = None        # visualize: the folder of plots
     steps: dict[str, dict[str, float]] = field(default_factory=dict)  # stage=pipeline: each step's metrics
     run_id: str | None = None
 

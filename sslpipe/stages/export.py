@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from sslpipe.checkpoint import load_encoder_state, pretrained_parts
+from sslpipe.pretrained import load_encoder_state, pretrained_parts
 from sslpipe.tensorfiles import FORMATS, constructor, read_tensors, write_tensors
 from sslpipe.results import print_table
 from sslpipe.stages import Context, StageResult, build_backbone, stage_run
@@ -81,4 +81,4 @@ def run(ctx: Context) -> StageResult:
         os.replace(staging, out)
         run.log_artifact(out, "export")
     print_table("export", f"{out} ({', '.join(sorted(files))}, {st.format})")
-    return StageResult(outputs={"export_dir": str(out)}, run_id=run.id)
+    return StageResult(export_dir=str(out), run_id=run.id)

@@ -13,7 +13,7 @@ from torch import nn
 
 from sslpipe import distributed
 from sslpipe.batchnorm import convert_split_bn
-from sslpipe.checkpoint import load_pretrained
+from sslpipe.pretrained import load_pretrained
 from sslpipe.config import build
 from sslpipe.data.loaders import eval_loader, is_streamed, ops_in_workers, training_loader
 from sslpipe.data.stream import CropSpec
@@ -128,4 +128,4 @@ def run(ctx: Context) -> StageResult:
                        for name, split in (("val", splits.val), ("test", splits.test)) if split is not None}
         metrics = log_classification(run, ctx, predictions, splits.classes)
     print_table(f"fine-tune from {cfg.pretrained}", f"test/top1 {metrics['test/top1']:.4f}")
-    return StageResult(metrics=metrics, outputs={"checkpoint": str(loop.path)}, run_id=run.id)
+    return StageResult(metrics=metrics, checkpoint=str(loop.path), run_id=run.id)

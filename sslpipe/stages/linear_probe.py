@@ -93,7 +93,7 @@ def run(ctx: Context) -> StageResult:
     def save(head: nn.Linear) -> Fitted:
         path = ctx.run_dir / "linear_head.safetensors"
         write_tensors({"weight": head.weight, "bias": head.bias}, path)
-        return Fitted(lambda x: head(x).argmax(1), {"linear_head": path})
+        return Fitted(lambda x: head(x).argmax(1), head=path)
 
     if st.protocol == "augmented":
         aug = st.augmented

@@ -48,7 +48,7 @@ def run(ctx: Context) -> StageResult:
                        st.batch_size, lr_scale(st.lr), st.weight_decay, cfg.seed)
         path = ctx.run_dir / "mlp_head.pt"
         torch.save(head.state_dict(), path)
-        return Fitted(lambda x: head(x).argmax(1), {"mlp_head": path})
+        return Fitted(lambda x: head(x).argmax(1), head=path)
 
     return run_probe(ctx, dict(hidden=list(st.hidden), epochs=st.epochs, lr=st.lr, weight_decay=st.weight_decay,
                                dropout=st.dropout), fit, f"mlp probe {list(st.hidden)}", lr_scale=lr_scale)

@@ -12,6 +12,7 @@ that step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -81,35 +82,36 @@ def run(ctx: Context) -> StageResult:
                 if ctx.should_stop():  # a signal during a step without a training loop: stop between steps
                     raise Preempted(f"stopped before pipeline step {key} by a signal; {journal.path} has the rest")
                 out = get_method(sub.cfg.stage._target_)(sub)  # conf/stage/<step>.yaml names it
-                journal.steps[key] = {"metrics": out.metrics, "outputs": out.outputs, "run_id": out.run_id}
+                journal.steps[key] = dataclasses.asdict(out)
                 journal.save()
-            return journal.steps[key]
+            return StageResult(**journal.steps[key])
 
         pre = step("pretrain", ctx.for_stage("pretrain", None, "pretrain"))
-        results["pretrain"] = pre["metrics"]
-        checkpoint = pre["outputs"]["checkpoint"]
+        results["pretrain"] = pre.metrics
+        checkpoint = pre.checkpoint
         probe_metrics: dict[str, float] = {}
         for name in st.stages:
-            handed = {"linear_head": results.get("linear_probe", {}).get("outputs", {}).get("linear_head"),
-                      "metrics": dict(probe_metrics)} if name == "export" else None
+            linear = results.get("linear_probe")
+            handed = {"linear_head": linear.head if linear else None, "metrics": dict(probe_metrics)} \
+                if name == "export" else None
             sub = ctx.for_stage(name, checkpoint, "." if name == "export" else name, inputs=handed)
             results[name] = out = step(name, sub)
             if name in PROBES:
-                probe_metrics.update({f"{name}/{k}": v for k, v in out["metrics"].items()})
+                probe_metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
             if name in PROBES or name in DENSE:
-                rows.append({"step": name, "pretrained": cfg.method.name, **out["metrics"]})
+                rows.append({"step": name, "pretrained": cfg.method.name, **out.metrics})
         for name in st.baseline:
             results[f"{name}-random"] = out = step(f"{name}-random",
                                                    ctx.for_stage(name, "random", f"random/{name}", suffix="-random"))
             if name in PROBES or name in DENSE:
-                rows.append({"step": name, "pretrained": "random", **out["metrics"]})
+                rows.append({"step": name, "pretrained": "random", **out.metrics})
         columns = [c for c in COLUMNS if c in ("step", "pretrained") or any(c in r for r in rows)]
         table = results_table(rows, columns)
         headline = {k: v for r in rows for k, v in _headline(r).items()}
         results["summary"] = {"columns": columns, "rows": rows, "headline": headline}
         parent.log_text(table + "\n", "results.md")
-        parent.log_text(json.dumps(results, indent=2), "results.json")
+        parent.log_text(json.dumps(results, indent=2, default=dataclasses.asdict), "results.json")
         parent.log_metrics(headline, step=0)
     write_results(ctx.run_dir, f"results: {cfg.method.name} / {cfg.backbone.name} / {cfg.dataset.name}", table)
     steps = {name: step["metrics"] for name, step in journal.steps.items()}  # every step's metrics, as journaled
-    return StageResult(metrics=headline, outputs={"checkpoint": checkpoint}, run_id=parent.id, steps=steps)
+    return StageResult(metrics=headline, checkpoint=checkpoint, run_id=parent.id, steps=steps)

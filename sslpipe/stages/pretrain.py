@@ -192,4 +192,4 @@ def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor |
             run.log_artifact(curve_plot(steps, lrs, ctx.run_dir / "lr_curve.png", "train/lr"), "plots")
         metrics = {"train/final_loss": history[-1][1]} if history else {}
     print_table(f"pretrain {cfg.method.name} on {cfg.dataset.name}", f"final train/loss {metrics.get('train/final_loss', float('nan')):.4f}")
-    return StageResult(metrics=metrics, outputs={"checkpoint": str(final)}, run_id=run.id)
+    return StageResult(metrics=metrics, checkpoint=str(final), run_id=run.id)

@@ -13,14 +13,14 @@ head's batch is therefore global, and its learning rate is per 256 images of it 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslpipe.checkpoint import load_pretrained
+from sslpipe.pretrained import load_pretrained
 from sslpipe.engine import LrScale
 from sslpipe.results import print_table
 from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, extract_features, log_classification,
@@ -30,10 +30,10 @@ from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, 
 @dataclass
 class Fitted:
     """A probe fitted on train features: `classify` maps features (M, D) to labels (M,);
-    `artefacts` are files to log (output name -> path), e.g. {"linear_head": ...}."""
+    `head` is the trained head's tensor file (linear and MLP probes), logged and returned."""
 
     classify: Callable[[torch.Tensor], torch.Tensor]
-    artefacts: dict[str, Path] = field(default_factory=dict)
+    head: Path | None = None
 
 
 def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int, lr: float,
@@ -88,7 +88,7 @@ def run_probe(ctx: Context, params: dict, fit: Callable[[torch.Tensor, torch.Ten
             predictions = {name: (split.labels, fitted.classify(feats[name]))
                            for name, split in (("val", splits.val), ("test", splits.test)) if split is not None}
         metrics = log_classification(run, ctx, predictions, splits.classes)
-        for path in fitted.artefacts.values():
-            run.log_artifact(path, "checkpoints")
+        if fitted.head is not None:
+            run.log_artifact(fitted.head, "checkpoints")
     print_table(f"{title} from {cfg.pretrained}", f"test/top1 {metrics['test/top1']:.4f}")
-    return StageResult(metrics=metrics, outputs={k: str(v) for k, v in fitted.artefacts.items()}, run_id=run.id)
+    return StageResult(metrics=metrics, head=str(fitted.head) if fitted.head else None, run_id=run.id)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslpipe.batchnorm import convert_split_bn
-from sslpipe.checkpoint import load_pretrained
+from sslpipe.pretrained import load_pretrained
 from sslpipe import distributed
 from sslpipe.config import build
 from sslpipe.data import EpochLoader, Split
@@ -178,4 +178,4 @@ def run(ctx: Context) -> StageResult:
         run.log_metrics(metrics, step=0)
     print_table(f"segment ({st.loss}) from {cfg.pretrained}",
                 f"test/iou {metrics['test/iou']:.4f}  test/f1 {metrics['test/f1']:.4f}")
-    return StageResult(metrics=metrics, outputs={"checkpoint": str(loop.path)}, run_id=run.id)
+    return StageResult(metrics=metrics, checkpoint=str(loop.path), run_id=run.id)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sslpipe.checkpoint import load_pretrained
+from sslpipe.pretrained import load_pretrained
 from sslpipe.results import print_table
 from sslpipe.stages import Context, StageResult, build_backbone, build_splits, extract_features, normalizer, stage_run
 
@@ -104,4 +104,4 @@ def run(ctx: Context) -> StageResult:
             run.set_tags({f"sslpipe.visualize.skipped.{m}": why for m, why in skipped.items()})
     print_table(f"visualize from {cfg.pretrained}", "\n".join(f"plots/{p.name}" for p in made)
                 + "".join(f"\nskipped {m}: {why}" for m, why in skipped.items()))
-    return StageResult(outputs={"plots": str(out)}, run_id=run.id)
+    return StageResult(plots=str(out), run_id=run.id)
