@@ -97,7 +97,7 @@ class Training:
         from sslpipe.stages import Context, build_backbone, build_method, build_splits
 
         self.cfg = cfg = compose(["stage=pretrain", *overrides])
-        st = cfg.stage
+        st = cfg.stage.pretrain
         self.device = dev = torch.device(device)
         ctx = Context(cfg=cfg, run_dir=run_dir, device=dev, tracker=None)
         self.pool = device_pool(build_splits(ctx, labelled=False).train, dev)
@@ -122,7 +122,7 @@ class Training:
         import torch
 
         loader, done, epoch = self.loader(), 0, 0
-        amp = self.device.type == "cuda" and self.cfg.stage.amp
+        amp = self.device.type == "cuda" and self.cfg.stage.pretrain.loop.amp
         while done < steps:
             loader.set_epoch(epoch)
             for images, labels in loader:

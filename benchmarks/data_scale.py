@@ -45,7 +45,7 @@ def run_once(root: Path, workdir: Path, name: str, extra: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
     cmd = [sys.executable, "-m", "sslpipe", "stage=pretrain", "dataset=imagefolder", f"dataset.root={root}",
-           "dataset.image_size=224", "stage.max_steps=2", "stage.batch_size=32", "stage.log_every=1",
+           "dataset.image_size=224", "stage.pretrain.loop.max_steps=2", "stage.pretrain.batch_size=32", "stage.pretrain.loop.log_every=1",
            f"tracking.experiment={name}", f"hydra.run.dir={workdir / 'runs' / name}", *extra]
     log = open(workdir / f"{name}.log", "w")
     start_epoch, start = time.time(), time.perf_counter()

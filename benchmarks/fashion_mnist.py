@@ -39,7 +39,7 @@ def common(args) -> list[str]:
 
 def pipeline(args) -> list[str]:
     return ["stage=pipeline", "stage.stages=[knn,linear_probe,finetune]", "stage.baseline=[]",
-            f"stage.finetune.epochs={args.finetune_epochs}"]
+            f"stage.finetune.loop.epochs={args.finetune_epochs}"]
 
 
 def cli(argv: list[str], cwd: Path, store: str) -> float:
@@ -105,7 +105,7 @@ def main() -> None:
     pixels = pixel_baselines(args.root, args.seed)
     print(f"pixels: kNN {pixels['knn']:.4f}, logistic regression {pixels['linear_probe']:.4f}", file=sys.stderr)
     rows = [("raw pixels (logistic regression / kNN)", pixels["knn"], pixels["linear_probe"], None, None, None)]
-    augmented = ["stage=linear_probe", "stage.protocol=augmented", f"stage.augmented.epochs={args.augmented_epochs}"]
+    augmented = ["stage=linear_probe", "stage.linear_probe.protocol=augmented", f"stage.linear_probe.augmented.epochs={args.augmented_epochs}"]
     for name in ["random", *args.methods]:
         experiment = f"tracking.experiment=fmnist-{name}"
         done = results(store, f"fmnist-{name}")
@@ -113,11 +113,11 @@ def main() -> None:
             print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
         elif name == "random":
             for stage in ("knn", "linear_probe", "finetune"):  # a pipeline would pretrain first
-                epochs = [f"stage.epochs={args.finetune_epochs}"] if stage == "finetune" else []
+                epochs = [f"stage.finetune.loop.epochs={args.finetune_epochs}"] if stage == "finetune" else []
                 cli([*common(args), f"stage={stage}", "pretrained=random", *epochs, experiment], work, store)
             cli([*common(args), *augmented, "pretrained=random", experiment], work, store)
         else:
-            cli([*common(args), *pipeline(args), f"method={name}", f"stage.pretrain.epochs={args.epochs}", experiment],
+            cli([*common(args), *pipeline(args), f"method={name}", f"stage.pretrain.loop.epochs={args.epochs}", experiment],
                 work, store)
             pretrained = f"pretrained=runs:/{results(store, f'fmnist-{name}')['pretrain_run']}"
             cli([*common(args), *augmented, pretrained, experiment], work, store)

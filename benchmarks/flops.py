@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Training, default_device, header, make_npy, sync, table  # noqa: E402
 
 CASES = {
-    "resnet18 (CIFAR stem) SimCLR, 32 px, batch 512": ["method=simclr", "backbone=resnet18", "stage.batch_size=512"],
-    "vit_small (patch 4) SimCLR, 32 px, batch 512": ["method=simclr", "backbone=vit_small", "stage.batch_size=512"],
-    "vit_small (patch 4) DINO 2+2 views, 32 px, batch 256": ["method=dino", "backbone=vit_small", "stage.batch_size=256"],
+    "resnet18 (CIFAR stem) SimCLR, 32 px, batch 512": ["method=simclr", "backbone=resnet18", "stage.pretrain.batch_size=512"],
+    "vit_small (patch 4) SimCLR, 32 px, batch 512": ["method=simclr", "backbone=vit_small", "stage.pretrain.batch_size=512"],
+    "vit_small (patch 4) DINO 2+2 views, 32 px, batch 256": ["method=dino", "backbone=vit_small", "stage.pretrain.batch_size=256"],
 }
 
 
@@ -45,16 +45,16 @@ def timed_loop(tr: Training, steps: int, tmp: Path) -> float:
     from sslpipe.engine import Loop, LoopSettings
     from sslpipe.tracking import Tracker
 
-    st = tr.cfg.stage
+    st = tr.cfg.stage.pretrain.loop
     run = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench").start_run("flops", {})
     settings = LoopSettings(epochs=10**6, max_steps=steps, warmup_epochs=0, amp=st.amp,
                             checkpoint_every=st.checkpoint_every, log_every=st.log_every)
     (tmp / "last.pt").unlink(missing_ok=True)
     loop = Loop(tr.method, tr.step, tr.optimizer, tr.loader(), settings, tr.device, tmp / "last.pt",
-                log_metrics=run.log_metrics, after_step=tr.method.after_step)
+                after_step=tr.method.after_step)
     sync(str(tr.device))
     t = time.perf_counter()
-    loop.run()
+    loop.run(run.log_metrics)
     sync(str(tr.device))
     elapsed = time.perf_counter() - t
     run.end()
@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--device", default=default_device())
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--peak", type=float, default=989.0, help="bf16 dense peak, TFLOP/s")
-    p.add_argument("--compile", action="store_true", help="the first case with stage.compile=true as well")
+    p.add_argument("--compile", action="store_true", help="the first case with stage.pretrain.compile=true as well")
     p.add_argument("--cases", nargs="*", default=list(CASES))
     args = p.parse_args()
     header("Achieved TFLOP/s in pretraining (bf16 autocast) vs the GPU's bf16 peak", args.device)
@@ -75,7 +75,7 @@ def main() -> None:
     rows = []
     for name in args.cases:
         for compiled in ([False, True] if args.compile and name == args.cases[0] else [False]):
-            overrides = [*CASES[name], "dataset=npy", f"dataset.root={tmp / 'npy'}", f"stage.compile={str(compiled).lower()}"]
+            overrides = [*CASES[name], "dataset=npy", f"dataset.root={tmp / 'npy'}", f"stage.pretrain.compile={str(compiled).lower()}"]
             try:
                 tr = Training(overrides, args.device, tmp)
                 flops = step_flops(tr)

@@ -71,8 +71,8 @@ def main() -> None:
         backbone = "vit_tiny" if name in VIT_METHODS else "smallcnn"
         extra = [f"stage.pretrain.optimizer.lr={LR[name]}"] if name in LR else []
         t = time.perf_counter()
-        cli([*probes, f"method={name}", f"backbone={backbone}", f"stage.pretrain.epochs={args.epochs}",
-             "stage.pretrain.log_every=4", f"tracking.experiment=bench-{name}", *extra], work, store)
+        cli([*probes, f"method={name}", f"backbone={backbone}", f"stage.pretrain.loop.epochs={args.epochs}",
+             "stage.pretrain.loop.log_every=4", f"tracking.experiment=bench-{name}", *extra], work, store)
         m = metrics(store, f"bench-{name}")
         rows.append((name, backbone, m["knn"], m["linear_probe"], m["first_loss"], m["last_loss"],
                      time.perf_counter() - t))

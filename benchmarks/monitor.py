@@ -1,6 +1,6 @@
 """What watching a run costs: the pretrain stage with the online kNN and collapse signals at
-their default interval (`stage.monitor.every=auto`, about 10 checks) against the same run with
-them off (`stage.monitor.every=0`), alternating, through the real CLI; the stage's own time is
+their default interval (`stage.pretrain.monitor.every=auto`, about 10 checks) against the same run with
+them off (`stage.pretrain.monitor.every=0`), alternating, through the real CLI; the stage's own time is
 the MLflow run's start-to-end. Prints a markdown table with the ratio.
 
     OMP_NUM_THREADS=1 python benchmarks/monitor.py [--epochs 10 40] [--rounds 2] [--method simclr]
@@ -48,7 +48,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for every in ("auto", "0"):
                 with tempfile.TemporaryDirectory() as tmp:
-                    seconds, n = stage_seconds([f"stage.epochs={epochs}", f"stage.monitor.every={every}"], Path(tmp),
+                    seconds, n = stage_seconds([f"stage.pretrain.loop.epochs={epochs}", f"stage.pretrain.monitor.every={every}"], Path(tmp),
                                                args.method)
                 times[every].append(seconds)
                 checks = max(checks, n)

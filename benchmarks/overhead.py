@@ -27,7 +27,7 @@ from _common import Training, default_device, header, make_npy, median, sync, ta
 def sslpipe_loop(tr: Training, steps: int, tmp: Path, tracker) -> float:
     from sslpipe.engine import Loop, LoopSettings
 
-    st = tr.cfg.stage
+    st = tr.cfg.stage.pretrain.loop
     run = tracker.start_run("overhead", {"sslpipe.stage": "pretrain"})
     settings = LoopSettings(epochs=10**6, max_steps=steps, grad_accum=1, warmup_epochs=st.warmup_epochs,
                             min_lr_ratio=st.min_lr_ratio, amp=st.amp, checkpoint_every=st.checkpoint_every,
@@ -38,10 +38,10 @@ def sslpipe_loop(tr: Training, steps: int, tmp: Path, tracker) -> float:
 
         kwargs["progress"] = Progress("overhead", stream=io.StringIO(), mode="tty")  # drawn, to a buffer
     loop = Loop(tr.method, tr.step, tr.optimizer, tr.loader(), settings, tr.device, tmp / "last.pt",
-                log_metrics=run.log_metrics, after_step=tr.method.after_step, **kwargs)
+                after_step=tr.method.after_step, **kwargs)
     sync(str(tr.device))
     t0 = time.perf_counter()
-    loop.run()
+    loop.run(run.log_metrics)
     run.end()  # the buffered metrics are written: nothing is left behind
     sync(str(tr.device))
     return time.perf_counter() - t0
@@ -81,8 +81,8 @@ def main() -> None:
             bare.append(steps * tr.batch_size / t_bare)
             ours.append(steps * tr.batch_size / t_ours)
     ratios = [o / b for o, b in zip(ours, bare)]
-    print(f"config: {' '.join(overrides)} stage.batch_size={tr.batch_size}; {args.steps} steps x {args.rounds} rounds, "
-          f"log_every=1, checkpoint_every={tr.cfg.stage.checkpoint_every} (+ one at the end)\n")
+    print(f"config: {' '.join(overrides)} stage.pretrain.batch_size={tr.batch_size}; {args.steps} steps x {args.rounds} rounds, "
+          f"log_every=1, checkpoint_every={tr.cfg.stage.pretrain.loop.checkpoint_every} (+ one at the end)\n")
     table(["loop", "images/s (median)", "min", "max", "ratio vs bare"], [
         ["bare PyTorch loop", median(bare), min(bare), max(bare), 1.0],
         ["sslpipe Loop + MLflow every step", median(ours), min(ours), max(ours), median(ours) / median(bare)],

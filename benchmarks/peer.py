@@ -155,19 +155,19 @@ def lightly_dino(array, device: str, steps: int, skip: int, workers: int, batch_
 def sslpipe_overrides(method: str, size: int, batch_size: int, steps: int, device: str, root: Path) -> list[str]:
     common = [f"device={device}", "stage=pretrain", "dataset=npy", f"dataset.root={root}", f"dataset.image_size={size}",
               "backbone=resnet18", "backbone.cifar_stem=false",  # torchvision resnet18's stem, as the example
-              f"stage.batch_size={batch_size}", f"stage.max_steps={steps}", "stage.epochs=1000", "stage.log_every=1",
-              "stage.warmup_epochs=0", "stage.optimizer.weight_decay=0",
-              "stage.lr_scaling=none"]  # the peer's rate as given at this batch, not per 256 images
+              f"stage.pretrain.batch_size={batch_size}", f"stage.pretrain.loop.max_steps={steps}", "stage.pretrain.loop.epochs=1000", "stage.pretrain.loop.log_every=1",
+              "stage.pretrain.loop.warmup_epochs=0", "stage.pretrain.optimizer.weight_decay=0",
+              "stage.pretrain.lr_scaling=none"]  # the peer's rate as given at this batch, not per 256 images
     if method == "simclr":  # SimCLRTransform's defaults; NTXentLoss() temperature 0.5; SGD lr 0.06
         return common + ["method=simclr", "method.proj_hidden_dim=512", "method.proj_output_dim=128",
-                         "method.temperature=0.5", "stage.optimizer._target_=torch.optim.SGD", "stage.optimizer.lr=0.06",
+                         "method.temperature=0.5", "stage.pretrain.optimizer._target_=torch.optim.SGD", "stage.pretrain.optimizer.lr=0.06",
                          "dataset.augment.fixed=[]"]  # SimCLR's views as method.views has them, blur included
     # DINOTransform's defaults are DINO's views as method.views has them (global crops 0.4-1, jitter
     # 0.4/0.4/0.2/0.1, blur 1/0.1/0.5, solarize 0/0.2); DINOProjectionHead(512, 512, 64, 2048); Adam
     # lr 1e-3; 6 local views
     return common + ["method=dino", "method.views.local_views=6", "method.proj_hidden_dim=512",
-                     "method.bottleneck_dim=64", "method.output_dim=2048", "stage.optimizer._target_=torch.optim.Adam",
-                     "stage.optimizer.lr=0.001", "dataset.augment.fixed=[]"]
+                     "method.bottleneck_dim=64", "method.output_dim=2048", "stage.pretrain.optimizer._target_=torch.optim.Adam",
+                     "stage.pretrain.optimizer.lr=0.001", "dataset.augment.fixed=[]"]
 
 
 def sslpipe_run(overrides: list[str], tmp: Path, skip: int, batch_size: int, round_: int) -> float:

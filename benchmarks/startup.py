@@ -89,7 +89,7 @@ def main() -> None:
         ours.append(timed(ours_cmd, tmp, env))
         bare.append(timed(bare_cmd, app, env))
 
-    first_cmd = [sys.executable, "-m", "sslpipe", "stage=pretrain", "stage.epochs=1", "stage.max_steps=1",
+    first_cmd = [sys.executable, "-m", "sslpipe", "stage=pretrain", "stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=1",
                  "device=cpu", f"tracking.artifact_root={tmp}/artifacts"]
     step_cmd = [sys.executable, "bare_step.py"]
     first, step = [], []
@@ -102,7 +102,7 @@ def main() -> None:
         ["bare Hydra app --cfg job (baseline)", median(bare), min(bare), max(bare), 1.0],
         ["python -m sslpipe --cfg job", median(ours), min(ours), max(ours), median(ours) / median(bare)],
         ["bare PyTorch script, one SimCLR step on digits (baseline)", median(step), min(step), max(step), 1.0],
-        ["python -m sslpipe stage=pretrain stage.max_steps=1 (whole run: MLflow run, checkpoint, plot)",
+        ["python -m sslpipe stage=pretrain stage.pretrain.loop.max_steps=1 (whole run: MLflow run, checkpoint, plot)",
          median(first), min(first), max(first), median(first) / median(step)],
     ])
 

@@ -45,7 +45,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tr.bare_loop(args.steps)
     step_s = (time.perf_counter() - t0) / args.steps
-    log_every = tr.cfg.stage.log_every
+    log_every = tr.cfg.stage.pretrain.loop.log_every
 
     # ---------------------------------------------------------------- the tracking path
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", str(tmp / "artifacts"))
@@ -66,7 +66,7 @@ def main() -> None:
     stored = len(tracker.client.get_metric_history(run.id, "train/loss"))
     assert stored == args.calls, f"{stored} of {args.calls} values stored"
 
-    print(f"config: {' '.join(overrides)} stage.batch_size={tr.batch_size}; {args.calls} logged steps of "
+    print(f"config: {' '.join(overrides)} stage.pretrain.batch_size={tr.batch_size}; {args.calls} logged steps of "
           f"{len(metrics)} metrics, flush every {run.flush_every} calls; all {stored} values read back from the store\n")
     flushes = sorted(per_call)[-max(1, args.calls // run.flush_every):]
     table(["what", "value"], [

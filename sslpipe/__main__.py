@@ -1,5 +1,5 @@
 """`python -m sslpipe <overrides>`: compose the config (Hydra), set the process up once, call the
-stage function the config names (`cfg.stage._target_`, e.g. conf/stage/pretrain.yaml ->
+stage function the config names (`cfg.stage._target_`, e.g. conf/step/pretrain.yaml ->
 `sslpipe.stages.pretrain.run`). docs/architecture.md traces the path on to the loss.
 
 Only hydra and omegaconf load at import, so `--cfg job` and `--help` stay fast; torch, mlflow
@@ -84,7 +84,7 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict | float:
     # whole process, so a pipeline's fine-tune or segment step stops as its pretrain does.
     stop = StopSignal().install()
     ctx = Context(cfg=cfg, run_dir=folder, device=device, tracker=tracker, stop=stop)
-    stage = get_method(cfg.stage._target_)  # conf/stage/<name>.yaml: sslpipe.stages.<name>.run
+    stage = get_method(cfg.stage._target_)  # conf/step/<name>.yaml: sslpipe.stages.<name>.run
     started = time.monotonic()
     try:
         result = stage(ctx)

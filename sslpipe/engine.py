@@ -46,19 +46,15 @@ class LoopSettings:
 
     @classmethod
     def of_stage(cls, st, recipe=None) -> "LoopSettings":
-        """The loop keys of a stage's config (pretrain, finetune, segment). `clip_grad` and
-        `weight_decay_end` left null in the stage come from `recipe` (a method's `optim`
-        block: what its paper uses); clip_grad 0 turns clipping off."""
-        recipe = recipe or {}
-
-        def pick(key: str):
-            value = st.get(key)
-            return recipe.get(key) if value is None else value
-
-        return cls(epochs=st.epochs, max_steps=st.max_steps, grad_accum=st.grad_accum,
-                   warmup_epochs=st.warmup_epochs, min_lr_ratio=st.min_lr_ratio, amp=st.amp,
-                   checkpoint_every=st.checkpoint_every, log_every=st.log_every,
-                   clip_grad=pick("clip_grad") or None, weight_decay_end=pick("weight_decay_end"))
+        """`stage.<name>.loop` (pretrain, finetune, segment), one key per field. `clip_grad` and
+        `weight_decay_end` left null there come from `recipe` (a method's `optim` block: what its
+        paper uses); clip_grad 0 turns clipping off."""
+        loop, recipe = dict(st.loop), recipe or {}
+        for key in ("clip_grad", "weight_decay_end"):
+            if loop.get(key) is None:
+                loop[key] = recipe.get(key)
+        loop["clip_grad"] = loop["clip_grad"] or None
+        return cls(**loop)
 
 
 @dataclass

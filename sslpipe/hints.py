@@ -1,5 +1,5 @@
 """What the command says about bad input, before and after Hydra: a group option that does not
-exist (`method=nosuch`), a key the config does not have (`stage.epoch=3`), and whether an error
+exist (`method=nosuch`), a key the config does not have (`stage.pretrain.loop.epoch=3`), and whether an error
 escaping a stage is the input's fault or sslpipe's bug. Only hydra and omegaconf are imported."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def is_user_error(err: Exception) -> bool:
 
 
 def unknown_key_hint(args: list[str]) -> str | None:
-    """For an override of a key the config does not have (`stage.epoch=3`), name the keys it
+    """For an override of a key the config does not have (`stage.pretrain.loop.epoch=3`), name the keys it
     does have at that level and the closest match. Runs only after Hydra has failed."""
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -45,11 +45,28 @@ def unknown_key_hint(args: list[str]) -> str | None:
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if not isinstance(node, DictConfig) or leaf in node:
             continue
+        prefix = f"{parent}." if parent else ""
         valid = sorted(str(k) for k in node.keys())
-        close = difflib.get_close_matches(leaf, valid, n=1)
-        hints.append(f"Unknown key '{key}'" + (f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else "")
-                     + f"; valid keys under '{parent or '<root>'}': {', '.join(valid)}")
+        close = [prefix + c for c in difflib.get_close_matches(leaf, valid, n=1)]
+        if not close:  # the key may sit deeper: stage.epochs -> stage.pretrain.loop.epochs
+            deeper = list(_paths(node, prefix))
+            match = difflib.get_close_matches(leaf, {p.rpartition(".")[2] for p in deeper}, n=1)
+            close = [p for p in deeper if match and p.rpartition(".")[2] == match[0]]
+            if close:  # name the keys where the first candidate sits
+                parent = close[0].rpartition(".")[0]
+                valid = sorted(str(k) for k in OmegaConf.select(cfg, parent).keys())
+        did = f" (did you mean '{close[0]}'?)" if len(close) == 1 else \
+            f" (did you mean one of: {', '.join(close)}?)" if close else ""
+        hints.append(f"Unknown key '{key}'{did}; valid keys under '{parent or '<root>'}': {', '.join(valid)}")
     return "\n".join(hints) or None
+
+
+def _paths(node: DictConfig, prefix: str):
+    """Every dotted key path under `node`, in the config's order."""
+    for k, v in node.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, DictConfig):
+            yield from _paths(v, f"{prefix}{k}.")
 
 
 GROUPS = ("method", "backbone", "dataset", "stage", "experiment")

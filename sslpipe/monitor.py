@@ -22,7 +22,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 # Collapse thresholds, from runs on digits' val split (10 epochs, `python -m sslpipe
-# stage=pretrain device=cpu stage.epochs=10 ...`): random init gives std 0.123 / rank 17.3
+# stage=pretrain device=cpu stage.pretrain.loop.epochs=10 ...`): random init gives std 0.123 / rank 17.3
 # (smallcnn) and 0.176 / 6.3 (vit_tiny); default SimCLR 0.26 -> 0.36 / 25 -> 30; collapsing
 # runs (simsiam lr 0.5, byol lr 1.0) 0.019 / 1.76 and 0.009 / 1.43 at step 10.
 COLLAPSED_STD, COLLAPSED_RANK = 0.05, 2.0
@@ -63,7 +63,7 @@ class Monitor:
     k: int = 20
     temperature: float = 0.07
     budget: float | None = None  # `every: auto`: widen the interval so checks cost at most this share of training
-    multiple: int = 1            # intervals stay multiples of this (stage.log_every: checks run on logged steps)
+    multiple: int = 1            # intervals stay multiples of this (stage.pretrain.loop.log_every: checks run on logged steps)
     start_step: int = 0          # where training (re)starts
     collapsed_at: int | None = None  # the first step that showed collapse
 

@@ -60,20 +60,20 @@ def schedule_weight_decay(optimizer: torch.optim.Optimizer, progress: float, end
 
 
 def optimizer_config(stage, method):
-    """The optimizer node a pretraining run builds: the stage's (`stage.optimizer`, default), or
-    with `stage.optimizer_from=method` the one the method's paper trains with (`optim.optimizer`
+    """The optimizer node a pretraining run builds: the stage's (`stage.pretrain.optimizer`, default), or
+    with `stage.pretrain.optimizer_from=method` the one the method's paper trains with (`optim.optimizer`
     in its yaml: LARS for SimCLR / BYOL / Barlow Twins / VICReg / SwaV, SGD for MoCo v1/v2 and
     SimSiam, AdamW for DINO / iBOT / MAE), its lr per 256 images as the paper gives it."""
     source = stage.get("optimizer_from", "stage")
     if source == "stage":
         return stage.optimizer
     if source != "method":
-        raise ValueError(f"stage.optimizer_from={source!r}: choose stage (stage.optimizer) or method (the "
+        raise ValueError(f"stage.pretrain.optimizer_from={source!r}: choose stage (stage.pretrain.optimizer) or method (the "
                          "paper's optimizer in the method's yaml, optim.optimizer)")
     node = (method.get("optim") or {}).get("optimizer")
     if node is None:
-        raise ValueError(f"stage.optimizer_from=method: {method.name}'s yaml gives no optim.optimizer (its paper's "
-                         "optimizer); use stage.optimizer_from=stage")
+        raise ValueError(f"stage.pretrain.optimizer_from=method: {method.name}'s yaml gives no optim.optimizer (its paper's "
+                         "optimizer); use stage.pretrain.optimizer_from=stage")
     return node
 
 

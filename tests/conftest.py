@@ -32,6 +32,6 @@ def cli(tmp_path):
 
 
 # Shrunk budgets for end-to-end runs on the embedded digits data.
-FAST_PRETRAIN = ["stage.epochs=1", "stage.max_steps=3", "stage.batch_size=64"]
-FAST_PIPELINE = ["stage.pretrain.max_steps=3", "stage.pretrain.batch_size=64", "stage.linear_probe.epochs=2",
-                 "stage.finetune.max_steps=2", "stage.finetune.epochs=1"]
+FAST_PRETRAIN = ["stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=64"]
+FAST_PIPELINE = ["stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=64", "stage.linear_probe.epochs=2",
+                 "stage.finetune.loop.max_steps=2", "stage.finetune.loop.epochs=1"]

@@ -76,3 +76,35 @@ def test_readme_layout_and_architecture_map_name_every_module_and_only_real_ones
         assert modules <= named, f"{where} misses {sorted(modules - named)}"
         gone = {n for n in named if not any(REPO.joinpath("sslpipe").rglob(n))}
         assert not gone, f"{where} names files that do not exist: {sorted(gone)}"
+
+
+def test_one_spelling_per_setting_and_the_loop_node_is_loop_settings():
+    """A stage's settings sit at stage.<name> whether it runs alone or as a pipeline step (so
+    `stage.pretrain.loop.epochs=7` means the same in both); a pipeline step's Context holds what
+    `stage=<name>` alone would; the `loop:` node of each training stage has exactly the fields of
+    engine.LoopSettings (no key that nothing reads)."""
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+    from omegaconf import DictConfig
+
+    from sslpipe.engine import LoopSettings
+    from sslpipe.stages import Context
+
+    pipeline = compose(["stage=pipeline", "stage.pretrain.loop.epochs=7", "stage.knn.k=3"])
+    steps = sorted(p.stem for p in (REPO / "conf" / "step").glob("*.yaml"))
+    assert steps == sorted(k for k, v in pipeline.stage.items() if isinstance(v, DictConfig) and "_target_" in v)
+    fields = {f.name for f in dataclasses.fields(LoopSettings)}
+    for name in steps:
+        same = {"pretrain": ["stage.pretrain.loop.epochs=7"], "knn": ["stage.knn.k=3"]}.get(name, [])
+        alone = compose([f"stage={name}", *same])  # the same override, spelled the same
+        assert alone.stage[name] == pipeline.stage[name], name
+        assert alone.stage._target_ == pipeline.stage[name]._target_ == f"sslpipe.stages.{name}.run"
+        step = Context(pipeline, Path("."), torch.device("cpu"), None).for_stage(name, "random", name)
+        assert step.cfg.stage.name == name and step.settings == alone.stage[name]
+        if "loop" in alone.stage[name]:
+            assert set(alone.stage[name].loop) == fields, name
+            LoopSettings.of_stage(alone.stage[name])  # every key is a field it takes
+    assert pipeline.stage.pretrain.loop.epochs == 7 and pipeline.stage.knn.k == 3
+    assert {n for n in steps if "loop" in pipeline.stage[n]} == {"pretrain", "finetune", "segment"}

@@ -83,7 +83,7 @@ def test_mismatch_names_the_keys():
 
 
 # ------------------------------------------------------------------ end to end: pretrained= through the CLI
-PROBE = ["stage=linear_probe", "backbone=timm", "backbone.model_name=resnet18", "dataset=digits", "stage.epochs=2"]
+PROBE = ["stage=linear_probe", "backbone=timm", "backbone.model_name=resnet18", "dataset=digits", "stage.linear_probe.epochs=2"]
 
 
 @pytest.fixture(scope="module")

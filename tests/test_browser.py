@@ -43,8 +43,8 @@ def store(tmp_path_factory):
     if missing:
         pytest.skip(f"{' and '.join(missing)} missing; .ci/run installs them")
     cwd = tmp_path_factory.mktemp("browser")
-    out = run_cli(["-m", "stage=pretrain", f"method={','.join(METHODS)}", "stage.epochs=1", "stage.max_steps=3",
-                   "stage.batch_size=64", "stage.log_every=1", "tracking.log_checkpoints=false"], cwd)
+    out = run_cli(["-m", "stage=pretrain", f"method={','.join(METHODS)}", "stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=3",
+                   "stage.pretrain.batch_size=64", "stage.pretrain.loop.log_every=1", "tracking.log_checkpoints=false"], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return cwd / "outputs"
 
@@ -165,7 +165,7 @@ def test_compare_page_shows_params_and_metrics(server, runs, page):
     row.scroll_into_view_if_needed()
     cells = row.inner_text()
     assert all(m in cells for m in METHODS), cells
-    for key in ("stage.max_steps", "backbone.name", "seed"):
+    for key in ("stage.pretrain.loop.max_steps", "backbone.name", "seed"):
         assert page.get_by_text(key, exact=True).count() >= 1, key
     # headline metrics: names as links, values rounded to 3 significant digits
     for key in ("train/loss", "train/lr", "train/images_per_s"):

@@ -65,9 +65,9 @@ def test_unknown_method_names_valid_choices(cli):
 
 
 def test_typo_key_names_the_key_and_valid_keys(cli):
-    out = cli("stage=pretrain", "stage.epoch=3")
+    out = cli("stage=pretrain", "stage.pretrain.epoch=3")
     assert out.returncode != 0
-    assert "stage.epoch" in out.stderr
-    assert "did you mean 'stage.epochs'" in out.stderr and "max_steps" in out.stderr
+    assert "stage.pretrain.epoch" in out.stderr
+    assert "did you mean 'stage.pretrain.loop.epochs'" in out.stderr and "max_steps" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (cli.cwd / "outputs" / "mlflow.db").exists()  # nothing ran, nothing written

@@ -10,7 +10,7 @@ What the test makes deterministic, and why that is fair:
   (sslpipe.seeding); masks (MAE, iBOT) and MoCo's Shuffle-BN permutations stay random: they
   are drawn over the global batch and are part of what is checked;
 - BatchNorm: gloo ranks normalise over their own share (torch's SyncBatchNorm needs an
-  accelerator), so the 1-rank run splits its batch in the same 2 groups (`stage.split_bn=2`,
+  accelerator), so the 1-rank run splits its batch in the same 2 groups (`stage.pretrain.split_bn=2`,
   or MoCo's own `method.bn_splits=2`, which the 2-rank run spreads over its ranks).
 
 The two launches run every job in one process each (tests/run_many.py)."""
@@ -39,13 +39,26 @@ DIFFER = {"pretrain-simo2", "pretrain-ibot-head-bn"}
 # SGD, not the yamls' AdamW: Adam's first steps move every weight by about +-lr whatever its
 # gradient's size, so a 1e-9 float-order difference in a gradient that should be 0 (a bias
 # before BatchNorm) becomes a 4e-3 weight difference; SGD passes gradient differences on at lr scale.
-COMMON = ["device=cpu", "stage.epochs=1", "stage.max_steps=3", "stage.log_every=1", "stage.checkpoint_every=3",
-          "stage.warmup_epochs=0", "stage.amp=false", "tracking.log_checkpoints=false",
-          "stage.optimizer._target_=torch.optim.SGD", "+stage.optimizer.momentum=0.9"]
+COMMON = ["device=cpu", "tracking.log_checkpoints=false"]
+
+
+def loop(stage: str) -> list[str]:
+    """The same short SGD loop for any training stage, spelled under its name (stage.<name>)."""
+    s = f"stage.{stage}"
+    return [f"{s}.loop.epochs=1", f"{s}.loop.max_steps=3", f"{s}.loop.log_every=1", f"{s}.loop.checkpoint_every=3",
+            f"{s}.loop.warmup_epochs=0", f"{s}.loop.amp=false", f"{s}.optimizer._target_=torch.optim.SGD",
+            f"+{s}.optimizer.momentum=0.9"]
+
+
 # Base rates per 256 images; both runs take a global batch of 32, so each step's rate is 1/8 of
 # these (engine.LrScale: 2 ranks x 16 counts as 32; a run that forgot the ranks would step at half).
-PRETRAIN_LR = ["stage.optimizer.lr=0.016"]
-HEAD_LRS = ["stage.backbone_lr=0.008", "stage.head_lr=0.08"]
+PRETRAIN_LR = ["stage.pretrain.optimizer.lr=0.016"]
+
+
+def head_lrs(stage: str) -> list[str]:
+    return [f"stage.{stage}.backbone_lr=0.008", f"stage.{stage}.head_lr=0.08"]
+
+
 # the data set fixes every op (dataset.augment.fixed), so no method's views turn one on
 IDENTITY_VIEWS = ["dataset.augment.crop_scale=[1.0,1.0]", "dataset.augment.crop_ratio=[1.0,1.0]",
                   "dataset.augment.rotation=0.0", "dataset.augment.jitter_prob=0.0",
@@ -61,23 +74,28 @@ PER_METHOD = {"dino": ["method.views.local_views=0"], "autoencoder": ["method.no
 
 def _jobs(world_size: int) -> list[dict]:
     batch = BATCH * (2 // world_size)
-    split = [] if world_size == 2 else ["stage.split_bn=2"]
+
+    def split(stage: str) -> list[str]:
+        return [] if world_size == 2 else [f"stage.{stage}.split_bn=2"]
+
     jobs = []
     for method in METHODS:
         backbone = ["backbone=vit_tiny", "+backbone.depth=2"] if method in VIT_METHODS else \
                    ["backbone.width=8", "backbone.num_features=32"]
         moco = method in ("mocov1", "mocov2")
         jobs.append({"name": f"pretrain-{method}", "overrides": [
-            "stage=pretrain", f"method={method}", *backbone, *COMMON, *PRETRAIN_LR, *IDENTITY_VIEWS,
-            f"stage.batch_size={batch}", *([] if moco else split), *PER_METHOD.get(method, [])]})
+            "stage=pretrain", f"method={method}", *backbone, *COMMON, *loop("pretrain"), *PRETRAIN_LR, *IDENTITY_VIEWS,
+            f"stage.pretrain.batch_size={batch}", *([] if moco else split("pretrain")), *PER_METHOD.get(method, [])]})
     ibot = next(job for job in jobs if job["name"] == "pretrain-ibot")
     # one process normalises all masked tokens together: no equal split of them exists
     jobs.append({"name": "pretrain-ibot-head-bn",
-                 "overrides": [*(o for o in ibot["overrides"] if o != "stage.split_bn=2"), "method.batch_norm=true"]})
-    small = ["backbone.width=8", "backbone.num_features=32", "pretrained=random", *COMMON, *HEAD_LRS,
-             f"stage.batch_size={batch}", *split]
-    jobs.append({"name": "finetune", "overrides": ["stage=finetune", "stage.augment=false", *small]})
-    jobs.append({"name": "segment", "overrides": ["stage=segment", "dataset=shapes", "stage.hflip=0.0", *small]})
+                 "overrides": [*(o for o in ibot["overrides"] if o != "stage.pretrain.split_bn=2"), "method.batch_norm=true"]})
+    def small(stage: str) -> list[str]:
+        return ["backbone.width=8", "backbone.num_features=32", "pretrained=random", *COMMON, *loop(stage),
+                *head_lrs(stage), f"stage.{stage}.batch_size={batch}", *split(stage)]
+    jobs.append({"name": "finetune", "overrides": ["stage=finetune", "stage.finetune.augment=false", *small("finetune")]})
+    jobs.append({"name": "segment", "overrides": ["stage=segment", "dataset=shapes", "stage.segment.hflip=0.0",
+                                                  *small("segment")]})
     return jobs
 
 

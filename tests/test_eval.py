@@ -158,9 +158,9 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
     """One shapes pipeline with every optional step; then the downstream example on its export."""
     out = cli("stage=pipeline", *TINY_SHAPES,
               "stage.stages=[knn,linear_probe,mlp_probe,finetune,segment,visualize,export]", "stage.baseline=[segment]",
-              "stage.pretrain.max_steps=3", "stage.pretrain.batch_size=64", "stage.linear_probe.epochs=5",
-              "stage.mlp_probe.epochs=3", "stage.finetune.max_steps=2", "stage.finetune.layer_decay=0.75",
-              "stage.segment.max_steps=5", "stage.segment.loss=dice",
+              "stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=64", "stage.linear_probe.epochs=5",
+              "stage.mlp_probe.epochs=3", "stage.finetune.loop.max_steps=2", "stage.finetune.layer_decay=0.75",
+              "stage.segment.loop.max_steps=5", "stage.segment.loss=dice",
               "stage.visualize.max_points=150", "stage.visualize.pairs=2", "hydra.run.dir=outputs/run", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| segment | random |" in out.stdout and "test/iou" in out.stdout
@@ -226,8 +226,8 @@ def test_pipeline_artefacts_summary_and_downstream_example(cli):
     assert float(before.group(1)) == pytest.approx(manifest["metrics"]["linear_probe/test/top1"], abs=1 / 240 + 1e-9)
 
 
-SEG_PRETRAIN = ["stage=pretrain", "dataset=shapes", "stage.max_steps=200", "hydra.run.dir=outputs/pretrain"]
-SEG = ["stage=segment", "dataset=shapes", "stage.max_steps=100"]
+SEG_PRETRAIN = ["stage=pretrain", "dataset=shapes", "stage.pretrain.loop.max_steps=200", "hydra.run.dir=outputs/pretrain"]
+SEG = ["stage=segment", "dataset=shapes", "stage.segment.loop.max_steps=100"]
 
 
 @pytest.mark.slow
@@ -253,7 +253,7 @@ def test_segment_pretrained_beats_random_iou(cli):
 def test_segment_needs_masks_and_a_known_loss(cli):
     out = cli("stage=segment", "pretrained=random")  # digits: no masks
     assert out.returncode != 0 and "needs segmentation masks" in out.stderr
-    out = cli("stage=segment", "dataset=shapes", "pretrained=random", "stage.loss=focal")
+    out = cli("stage=segment", "dataset=shapes", "pretrained=random", "stage.segment.loss=focal")
     assert out.returncode != 0 and "valid: bce, dice" in out.stderr
     out = cli("stage=segment", "dataset=shapes")
     assert out.returncode != 0 and "pretrained=random" in out.stderr

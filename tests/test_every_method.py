@@ -37,7 +37,7 @@ RUN = ["stage=pipeline", "stage.stages=[knn,export]", "stage.baseline=[knn]", "s
 @pytest.mark.parametrize("method", METHODS)
 def test_method_pretrains_beats_random_knn_and_exports(method, tmp_path):
     steps = LONGER.get(method, STEPS)
-    out = run_cli([*RUN, f"method={method}", f"stage.pretrain.max_steps={steps}", *(VIT if method in ON_A_VIT else [])],
+    out = run_cli([*RUN, f"method={method}", f"stage.pretrain.loop.max_steps={steps}", *(VIT if method in ON_A_VIT else [])],
                   tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")

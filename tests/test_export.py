@@ -28,7 +28,7 @@ def exported(tmp_path: Path, backbone: str, fmt: str = "safetensors") -> tuple[P
     encoder = build(cfg.backbone).eval()
     torch.save({"encoder": encoder.state_dict(), "projector": {}}, tmp_path / "final.pt")
     out = run_cli(["stage=export", f"backbone={backbone}", f"pretrained={tmp_path / 'final.pt'}",
-                   f"stage.format={fmt}", f"stage.dir={tmp_path / 'export'}"], tmp_path)
+                   f"stage.export.format={fmt}", f"stage.export.dir={tmp_path / 'export'}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path / "export", encoder
 

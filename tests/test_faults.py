@@ -43,13 +43,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nan_loss_on_the_cli_is_a_clear_error(cli):
-    out = cli("stage=pretrain", "stage.max_steps=3", "stage.batch_size=64", "stage.optimizer.lr=1e20",
-              "stage.warmup_epochs=0")
+    out = cli("stage=pretrain", "stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=64", "stage.pretrain.optimizer.lr=1e20",
+              "stage.pretrain.loop.warmup_epochs=0")
     assert out.returncode != 0
     assert "loss became nan" in out.stderr and "Traceback" not in out.stderr
 
 
-RUN = ["stage=pretrain", "stage.epochs=2", "stage.batch_size=64", "stage.checkpoint_every=1", "stage.log_every=1",
+RUN = ["stage=pretrain", "stage.pretrain.loop.epochs=2", "stage.pretrain.batch_size=64", "stage.pretrain.loop.checkpoint_every=1", "stage.pretrain.loop.log_every=1",
        "backbone.width=8", "backbone.num_features=32"]
 
 

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from sslpipe.config import compose
 from sslpipe.validate import ConfigError, validate
 
-KEYS = ["dataset.fraction", "dataset.image_size", "seed", "device", "stage.pretrain.epochs",
-        "stage.pretrain.batch_size", "stage.pretrain.optimizer.lr", "stage.pretrain.max_steps", "stage.knn.k",
+KEYS = ["dataset.fraction", "dataset.image_size", "seed", "device", "stage.pretrain.loop.epochs",
+        "stage.pretrain.batch_size", "stage.pretrain.optimizer.lr", "stage.pretrain.loop.max_steps", "stage.knn.k",
         "stage.knn.temperature", "stage.linear_probe.lr", "stage.finetune.head_lr", "method.temperature",
-        "dataset.augment.hflip", "dataset.augment.crop_scale", "stage.pretrain.grad_accum", "stage.export.format",
-        "stage.nosuch", "dataset.fractoin"]
+        "dataset.augment.hflip", "dataset.augment.crop_scale", "stage.pretrain.loop.grad_accum", "stage.export.format",
+        "stage.pretrain.nosuch", "dataset.fractoin"]
 VALUES = st.one_of(
     st.integers(-10, 10_000).map(str), st.floats(-1e3, 1e3, allow_nan=False).map(lambda f: f"{f:.4g}"),
     st.sampled_from(["null", "abc", "cpu", "auto", "cuda:0", "[0.2,1.0]", "[1,0]", "''", "json", "true"]),
@@ -54,10 +54,10 @@ def test_cli_never_prints_a_traceback(tmp_path_factory, pairs):
     from conftest import run_cli
 
     cwd = tmp_path_factory.mktemp("fuzz")
-    budget = ["stage=pretrain", "stage.max_steps=1", "stage.epochs=1"]
-    # keys of the pipeline's steps move to the single stage's node
+    budget = ["stage=pretrain", "stage.pretrain.loop.max_steps=1", "stage.pretrain.loop.epochs=1"]
+    # stage=pretrain composes only its own step's node (stage.pretrain), spelled as in the pipeline
     skip = ("stage.knn", "stage.linear_probe", "stage.finetune", "stage.export", "dataset.image_size")  # image_size: memory
-    applied = [(k.replace("stage.pretrain.", "stage."), v) for k, v in pairs if not k.startswith(skip)]
+    applied = [(k, v) for k, v in pairs if not k.startswith(skip)]
     args = budget + [f"{k}={v}" for k, v in applied]
     out = run_cli(args, cwd, timeout=300)
     # the CLI catches every exception: an internal one (TypeError, KeyError, ...) is printed as

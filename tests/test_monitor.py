@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from sslpipe.monitor import effective_rank, feature_std
 
-FAST = ["stage=pretrain", "device=cpu", "tracking.log_checkpoints=false", "stage.log_every=2",
-        "stage.monitor.every=2"]
+FAST = ["stage=pretrain", "device=cpu", "tracking.log_checkpoints=false", "stage.pretrain.loop.log_every=2",
+        "stage.pretrain.monitor.every=2"]
 
 
 def test_signals_on_known_embeddings():
@@ -30,7 +30,7 @@ def _history(cli):
 
 
 def test_dino_logs_online_knn_and_collapse_signals_at_several_steps(cli):
-    out = cli(*FAST, "method=dino", "stage.epochs=2", "stage.max_steps=6", "stage.batch_size=64")
+    out = cli(*FAST, "method=dino", "stage.pretrain.loop.epochs=2", "stage.pretrain.loop.max_steps=6", "stage.pretrain.batch_size=64")
     assert out.returncode == 0, out.stderr[-3000:]
     run, history = _history(cli)
     for name, values in history.items():
@@ -44,8 +44,8 @@ def test_dino_logs_online_knn_and_collapse_signals_at_several_steps(cli):
 def test_a_collapsing_run_is_flagged(cli):
     # SimSiam at 100x its digits learning rate: the embeddings fall onto one point within
     # 10 steps (std 0.019, measured in sslpipe/monitor.py's comment)
-    out = cli(*FAST, "method=simsiam", "stage.optimizer.lr=0.5", "stage.epochs=3", "stage.max_steps=10",
-              "stage.monitor.every=10", "stage.log_every=10")
+    out = cli(*FAST, "method=simsiam", "stage.pretrain.optimizer.lr=0.5", "stage.pretrain.loop.epochs=3", "stage.pretrain.loop.max_steps=10",
+              "stage.pretrain.monitor.every=10", "stage.pretrain.loop.log_every=10")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "the embeddings look collapsed at step 10/10" in out.stdout + out.stderr
     run, history = _history(cli)

@@ -85,9 +85,9 @@ def test_loop_clips_and_schedules_before_each_step(tmp_path):
 
 
 def test_pretrain_uses_the_groups_the_schedule_and_the_methods_clip(cli):
-    out = cli("stage=pretrain", "method=dino", "device=cpu", "stage.epochs=1", "stage.max_steps=3",
-              "stage.batch_size=32", "method.output_dim=256", "stage.optimizer.weight_decay=0.04",
-              "stage.weight_decay_end=0.4", "tracking.log_checkpoints=false")
+    out = cli("stage=pretrain", "method=dino", "device=cpu", "stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=3",
+              "stage.pretrain.batch_size=32", "method.output_dim=256", "stage.pretrain.optimizer.weight_decay=0.04",
+              "stage.pretrain.loop.weight_decay_end=0.4", "tracking.log_checkpoints=false")
     assert out.returncode == 0, out.stderr[-3000:]
     saved = torch.load(next((cli.cwd / "outputs").rglob("last.pt")), map_location="cpu", weights_only=False)
     groups = saved["optimizer"]["param_groups"]
@@ -115,8 +115,8 @@ def test_optimizer_from_method_builds_the_papers(name):
     from sslpipe.config import build, compose
     from sslpipe.optim import optimizer_config
 
-    cfg = compose(["stage=pretrain", f"method={name}", "stage.optimizer_from=method"])
-    node = optimizer_config(cfg.stage, cfg.method)
+    cfg = compose(["stage=pretrain", f"method={name}", "stage.pretrain.optimizer_from=method"])
+    node = optimizer_config(cfg.stage.pretrain, cfg.method)
     optimizer = build(node)([torch.nn.Parameter(torch.zeros(2))], lr=node.lr)
     kind, lr, weight_decay = PAPER_OPTIMIZERS[name]
     assert type(optimizer).__name__ == kind
@@ -124,12 +124,12 @@ def test_optimizer_from_method_builds_the_papers(name):
     assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(weight_decay)
     # the default stays the stage's own (the digits runs of the README were measured with it)
     default = compose(["stage=pretrain", f"method={name}"])
-    assert optimizer_config(default.stage, default.method)._target_ == "torch.optim.AdamW"
+    assert optimizer_config(default.stage.pretrain, default.method)._target_ == "torch.optim.AdamW"
 
 
 def test_pretrain_trains_with_the_papers_optimizer_at_its_scaled_rate(cli):
-    out = cli("stage=pretrain", "method=byol", "stage.optimizer_from=method", "device=cpu", "stage.epochs=1",
-              "stage.max_steps=2", "stage.batch_size=64", "tracking.log_checkpoints=false")
+    out = cli("stage=pretrain", "method=byol", "stage.pretrain.optimizer_from=method", "device=cpu", "stage.pretrain.loop.epochs=1",
+              "stage.pretrain.loop.max_steps=2", "stage.pretrain.batch_size=64", "tracking.log_checkpoints=false")
     assert out.returncode == 0, out.stderr[-3000:]
     saved = torch.load(next((cli.cwd / "outputs").rglob("last.pt")), map_location="cpu", weights_only=False)
     groups = saved["optimizer"]["param_groups"]
@@ -143,9 +143,9 @@ def test_pretrain_trains_with_the_papers_optimizer_at_its_scaled_rate(cli):
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (["method=autoencoder", "stage.optimizer_from=method"], "autoencoder's yaml gives no optim.optimizer"),
-    (["stage.optimizer_from=paper"], "stage.optimizer_from='paper'"),
+    (["method=autoencoder", "stage.pretrain.optimizer_from=method"], "autoencoder's yaml gives no optim.optimizer"),
+    (["stage.pretrain.optimizer_from=paper"], "stage.pretrain.optimizer_from='paper'"),
 ])
 def test_optimizer_from_refuses_what_it_cannot_build(cli, overrides, named):
-    out = cli("stage=pretrain", "device=cpu", "stage.max_steps=1", *overrides)
+    out = cli("stage=pretrain", "device=cpu", "stage.pretrain.loop.max_steps=1", *overrides)
     assert out.returncode != 0 and named in out.stderr, out.stderr[-2000:]

@@ -14,9 +14,9 @@ from sslpipe.tensorfiles import read_tensors
 
 pytestmark = pytest.mark.slow
 
-PIPELINE = ["stage.pretrain.max_steps=30", "stage.pretrain.batch_size=128", "stage.pretrain.log_every=1",
-            "stage.pretrain.warmup_epochs=0", "stage.linear_probe.epochs=20", "stage.finetune.max_steps=20",
-            "stage.finetune.epochs=3"]
+PIPELINE = ["stage.pretrain.loop.max_steps=30", "stage.pretrain.batch_size=128", "stage.pretrain.loop.log_every=1",
+            "stage.pretrain.loop.warmup_epochs=0", "stage.linear_probe.epochs=20", "stage.finetune.loop.max_steps=20",
+            "stage.finetune.loop.epochs=3"]
 
 
 @pytest.fixture(scope="module")

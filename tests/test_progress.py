@@ -88,8 +88,8 @@ def test_write_results(tmp_path):
 
 
 # ---------------------------------------------------------------- the real CLI, on a pty and on a pipe
-RUN = ["stage.stages=[finetune]", "stage.baseline=[]", "stage.pretrain.max_steps=12", "stage.pretrain.batch_size=64",
-       "stage.finetune.max_steps=4", "stage.finetune.epochs=1", "hydra.run.dir=outputs/run"]
+RUN = ["stage.stages=[finetune]", "stage.baseline=[]", "stage.pretrain.loop.max_steps=12", "stage.pretrain.batch_size=64",
+       "stage.finetune.loop.max_steps=4", "stage.finetune.loop.epochs=1", "hydra.run.dir=outputs/run"]
 
 
 def _env() -> dict:

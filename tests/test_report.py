@@ -50,7 +50,7 @@ def test_other_label_fractions_and_budgets_are_rows_not_seeds():
 
 def test_report_of_real_runs_keeps_label_fractions_apart(tmp_path):
     for fraction in ("0.1", "1.0"):
-        out = run_cli(["stage=linear_probe", "pretrained=random", "device=cpu", "stage.epochs=2",
+        out = run_cli(["stage=linear_probe", "pretrained=random", "device=cpu", "stage.linear_probe.epochs=2",
                        f"dataset.fraction={fraction}"], tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
     out = _report(tmp_path, "--group-by", "method", "--metrics", "test/top1")
@@ -68,8 +68,8 @@ def test_linear_protocols_are_separate_rows_and_augmented_learns(tmp_path):
     import mlflow
 
     for protocol in ("cached", "augmented"):
-        out = run_cli(["stage=linear_probe", "pretrained=random", "device=cpu", "stage.epochs=2",
-                       f"stage.protocol={protocol}", "stage.augmented.epochs=10"], tmp_path)
+        out = run_cli(["stage=linear_probe", "pretrained=random", "device=cpu", "stage.linear_probe.epochs=2",
+                       f"stage.linear_probe.protocol={protocol}", "stage.linear_probe.augmented.epochs=10"], tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
     out = _report(tmp_path, "--group-by", "method", "--metrics", "test/top1")
     assert out.returncode == 0, out.stderr

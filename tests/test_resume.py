@@ -20,8 +20,8 @@ from sslpipe import checkpoint as ckpt
 # 120 steps of 64 digits on a narrow CNN: ~6 s of training on one thread. A checkpoint every
 # 40 steps and metrics flushed every 50 log calls, so a kill after a flush and before the next
 # checkpoint would write steps 41..50 twice unless resume skips stored steps.
-RUN = ["stage=pretrain", "stage.epochs=10", "stage.max_steps=120", "stage.batch_size=64", "stage.checkpoint_every=40",
-       "stage.log_every=1", "backbone.width=8", "backbone.num_features=32"]
+RUN = ["stage=pretrain", "stage.pretrain.loop.epochs=10", "stage.pretrain.loop.max_steps=120", "stage.pretrain.batch_size=64", "stage.pretrain.loop.checkpoint_every=40",
+       "stage.pretrain.loop.log_every=1", "backbone.width=8", "backbone.num_features=32"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same float reductions in every run
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
@@ -137,9 +137,9 @@ def test_sigusr2_checkpoints_at_the_next_step_and_exits_then_resumes(tmp_path, r
 # ---------------------------------------------------------------- a pipeline stopped in fine-tune
 # pretrain (30 steps) -> knn -> fine-tune (60 steps, a checkpoint every 20) -> export, on digits
 PIPELINE = ["stage=pipeline", "stage.stages=[knn,finetune,export]", "stage.baseline=[]", "backbone.width=8",
-            "backbone.num_features=32", "stage.pretrain.max_steps=30", "stage.pretrain.batch_size=64",
-            "stage.finetune.epochs=10", "stage.finetune.max_steps=60", "stage.finetune.batch_size=64",
-            "stage.finetune.checkpoint_every=20", "stage.finetune.log_every=1"]
+            "backbone.num_features=32", "stage.pretrain.loop.max_steps=30", "stage.pretrain.batch_size=64",
+            "stage.finetune.loop.epochs=10", "stage.finetune.loop.max_steps=60", "stage.finetune.batch_size=64",
+            "stage.finetune.loop.checkpoint_every=20", "stage.finetune.loop.log_every=1"]
 
 
 def pipeline_runs(cwd: Path) -> tuple[object, object, dict[str, list]]:
@@ -332,8 +332,8 @@ def test_replay_defaults_to_the_projects_store(tmp_path):
 
 # ---------------------------------------------------------------- every method, killed and resumed
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
-STEPS = ["stage=pretrain", "device=cpu", "stage.epochs=3", "stage.max_steps=8", "stage.batch_size=32",
-         "stage.checkpoint_every=4", "stage.log_every=1", "tracking.log_checkpoints=false"]
+STEPS = ["stage=pretrain", "device=cpu", "stage.pretrain.loop.epochs=3", "stage.pretrain.loop.max_steps=8", "stage.pretrain.batch_size=32",
+         "stage.pretrain.loop.checkpoint_every=4", "stage.pretrain.loop.log_every=1", "tracking.log_checkpoints=false"]
 
 
 def _method_jobs() -> list[dict]:

@@ -17,7 +17,7 @@ pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install ss
 # 4 trials of a short pipeline (10 pretrain steps, then the cached linear probe), SimCLR's
 # temperature searched; the objective is the probe's val/top1, never its test/top1.
 STUDY = ["-m", "hydra/sweeper=search", "objective=linear_probe/val/top1", "stage.stages=[linear_probe]",
-         "stage.baseline=[]", "stage.pretrain.max_steps=10", "backbone.width=8", "backbone.num_features=32",
+         "stage.baseline=[]", "stage.pretrain.loop.max_steps=10", "backbone.width=8", "backbone.num_features=32",
          "stage.linear_probe.epochs=20", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
          "method.temperature=interval(0.05,0.5)", "hydra.sweep.dir=multirun"]
 

@@ -198,7 +198,7 @@ def test_eval_loader_reads_in_order_the_eval_view(sharded):
 def test_pretrain_on_shards_end_to_end(sharded, cli):
     _, out = sharded
     result = cli("stage=pretrain", "dataset=shards", f"dataset.root={out}", "dataset.image_size=32",
-                 "stage.max_steps=3", "stage.batch_size=8", "dataset.workers=1")
+                 "stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=8", "dataset.workers=1")
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 # Long enough (~150 steps, several seconds) that a signal lands mid-training, short enough for CI.
-TRAIN = ["stage=pretrain", "stage.epochs=10", "stage.max_steps=150", "stage.batch_size=64", "stage.checkpoint_every=50",
-         "stage.log_every=1", "backbone.width=8", "backbone.num_features=32"]
-TINY = ["stage=pretrain", "stage.epochs=1", "stage.max_steps=3", "stage.batch_size=64", "backbone.width=8",
+TRAIN = ["stage=pretrain", "stage.pretrain.loop.epochs=10", "stage.pretrain.loop.max_steps=150", "stage.pretrain.batch_size=64", "stage.pretrain.loop.checkpoint_every=50",
+         "stage.pretrain.loop.log_every=1", "backbone.width=8", "backbone.num_features=32"]
+TINY = ["stage=pretrain", "stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=64", "backbone.width=8",
         "backbone.num_features=32"]
 
 
@@ -167,7 +167,7 @@ def test_sweep_of_two_methods_runs_as_slurm_jobs(tmp_path):
 
 # ---------------------------------------------------------------- 2. two tasks, DDP over gloo
 def test_two_task_job_trains_with_ddp(tmp_path):
-    sweep(tmp_path, *TINY, "stage.max_steps=4", "stage.batch_size=32", "stage.log_every=1",
+    sweep(tmp_path, *TINY, "stage.pretrain.loop.max_steps=4", "stage.pretrain.batch_size=32", "stage.pretrain.loop.log_every=1",
           "hydra.launcher.tasks_per_node=2")
     client, runs = _runs(tmp_path)
     assert len(runs) == 1                                           # rank 0 logs, rank 1 does not
@@ -181,8 +181,8 @@ def test_two_task_job_trains_with_ddp(tmp_path):
 
 # ---------------------------------------------------------------- 2b. a whole pipeline as one 2-task job
 PIPELINE = ["stage=pipeline", "dataset=shapes", "stage.stages=[finetune,segment]", "stage.baseline=[]",
-            "backbone.width=8", "backbone.num_features=32", "stage.pretrain.max_steps=20", "stage.pretrain.batch_size=32",
-            "stage.finetune.epochs=2", "stage.finetune.batch_size=32", "stage.segment.epochs=2",
+            "backbone.width=8", "backbone.num_features=32", "stage.pretrain.loop.max_steps=20", "stage.pretrain.batch_size=32",
+            "stage.finetune.loop.epochs=2", "stage.finetune.batch_size=32", "stage.segment.loop.epochs=2",
             "stage.segment.batch_size=32", "device=cpu"]
 
 
@@ -288,7 +288,8 @@ def test_time_limit_signal_requeues_and_resumes(tmp_path):
     """A real time limit: timeout_min=1 with SIGUSR2 50 s before it (slurmctld delivers it up to
     ~30 s late); each requeued attempt resumes where the last one stopped."""
     steps = 2000  # ~70 s of training here: longer than the 10-40 s until the first signal
-    slow = [*TRAIN, "stage.epochs=200", f"stage.max_steps={steps}", "stage.checkpoint_every=500"]  # 19 batches an epoch
+    slow = [*TRAIN, "stage.pretrain.loop.epochs=200", f"stage.pretrain.loop.max_steps={steps}",
+            "stage.pretrain.loop.checkpoint_every=500"]  # 19 batches an epoch
     proc = subprocess.Popen([sys.executable, "-m", "sslpipe", "-m", "hydra/launcher=slurm", "hydra.sweep.dir=multirun",
                              "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", *slow], cwd=tmp_path,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

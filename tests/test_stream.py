@@ -166,7 +166,7 @@ def test_truncated_image_is_named_by_path_or_skipped_on_request(tmp_path):
 
 # ------------------------------------------------------------------ a streamed run killed mid-epoch
 RUN = ["stage=pretrain", "dataset=imagefolder", "dataset.image_size=16", "dataset.loader=stream", "dataset.workers=2",
-       "stage.epochs=20", "stage.max_steps=40", "stage.batch_size=4", "stage.checkpoint_every=7", "stage.log_every=1",
+       "stage.pretrain.loop.epochs=20", "stage.pretrain.loop.max_steps=40", "stage.pretrain.batch_size=4", "stage.pretrain.loop.checkpoint_every=7", "stage.pretrain.loop.log_every=1",
        "backbone.width=8", "backbone.num_features=32"]
 
 
@@ -323,7 +323,7 @@ def test_streamed_pretrain_under_two_gloo_ranks_reads_half_each(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={port}", "-m", "sslpipe", "stage=pretrain", "dataset=imagefolder",
                            f"dataset.root={tmp_path / 'data'}", "dataset.image_size=16", "dataset.loader=stream",
-                           "dataset.workers=1", "device=cpu", "stage.max_steps=3", "stage.batch_size=4",
+                           "dataset.workers=1", "device=cpu", "stage.pretrain.loop.max_steps=3", "stage.pretrain.batch_size=4",
                            "backbone.width=8", "backbone.num_features=32", "hydra.run.dir=outputs/ddp"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     out = done.stdout + done.stderr

@@ -50,8 +50,8 @@ def test_unknown_tracking_mode_is_a_clear_error(cli):
 
 
 # ---------------------------------------------------------------- offline, then sync
-SWEEP = ["-m", "stage=pipeline", "stage.stages=[knn]", "stage.baseline=[]", "stage.pretrain.max_steps=8",
-         "stage.pretrain.log_every=1", "backbone.width=8", "backbone.num_features=32", "method=simclr,byol",
+SWEEP = ["-m", "stage=pipeline", "stage.stages=[knn]", "stage.baseline=[]", "stage.pretrain.loop.max_steps=8",
+         "stage.pretrain.loop.log_every=1", "backbone.width=8", "backbone.num_features=32", "method=simclr,byol",
          "tracking.mode=offline", "hydra.sweep.dir=multirun"]
 
 

@@ -26,8 +26,8 @@ SCRIPT = REPO / "scripts" / "tracking-server.sh"
 pytestmark = pytest.mark.slow
 
 RUNS, STEPS = 16, 120  # metrics reach the server every 50 steps and at the end (sslpipe.tracking.Run)
-TRAIN = ["stage=pretrain", f"stage.max_steps={STEPS}", "stage.epochs=100", "stage.batch_size=32", "stage.log_every=1",
-         "stage.monitor.every=0", "backbone.width=4", "backbone.num_features=16", "tracking.experiment=load"]
+TRAIN = ["stage=pretrain", f"stage.pretrain.loop.max_steps={STEPS}", "stage.pretrain.loop.epochs=100", "stage.pretrain.batch_size=32", "stage.pretrain.loop.log_every=1",
+         "stage.pretrain.monitor.every=0", "backbone.width=4", "backbone.num_features=16", "tracking.experiment=load"]
 
 
 def _missing() -> str | None:

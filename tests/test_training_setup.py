@@ -13,7 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from sslpipe.engine import LrScale
 
-FAST = ["device=cpu", "stage.epochs=1", "stage.max_steps=3", "stage.log_every=1", "tracking.log_checkpoints=false"]
+FAST = ["device=cpu", "stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=3", "stage.pretrain.loop.log_every=1",
+        "tracking.log_checkpoints=false"]
+FAST_FINETUNE = [o.replace("stage.pretrain.", "stage.finetune.") for o in FAST]
 
 
 def test_lr_scale_rules():
@@ -38,9 +40,9 @@ def _run(cli, *args):
 @pytest.mark.parametrize("rule, batch, accum, expected", [("linear", 32, 2, 0.004 * 64 / 256),
                                                           ("sqrt", 64, 1, 0.004 * 0.5)])
 def test_pretrain_steps_at_the_scaled_rate_and_logs_it(cli, rule, batch, accum, expected):
-    client, run = _run(cli, "stage=pretrain", *FAST, f"stage.batch_size={batch}", f"stage.grad_accum={accum}",
-                       "stage.optimizer.lr=0.004", f"stage.lr_scaling={rule}", "stage.warmup_epochs=0",
-                       "stage.min_lr_ratio=1.0")  # a constant schedule: every step at the effective rate
+    client, run = _run(cli, "stage=pretrain", *FAST, f"stage.pretrain.batch_size={batch}", f"stage.pretrain.loop.grad_accum={accum}",
+                       "stage.pretrain.optimizer.lr=0.004", f"stage.pretrain.lr_scaling={rule}", "stage.pretrain.loop.warmup_epochs=0",
+                       "stage.pretrain.loop.min_lr_ratio=1.0")  # a constant schedule: every step at the effective rate
     params = run.data.params
     assert params["train.global_batch"] == str(batch * accum)
     assert float(params["train.lr"]) == pytest.approx(expected, rel=1e-5)
@@ -49,15 +51,15 @@ def test_pretrain_steps_at_the_scaled_rate_and_logs_it(cli, rule, batch, accum, 
 
 
 def test_finetune_rates_are_per_256_images(cli):
-    _, run = _run(cli, "stage=finetune", "pretrained=random", *FAST, "stage.batch_size=64",
-                  "stage.backbone_lr=0.002", "stage.head_lr=0.02")
+    _, run = _run(cli, "stage=finetune", "pretrained=random", *FAST_FINETUNE, "stage.finetune.batch_size=64",
+                  "stage.finetune.backbone_lr=0.002", "stage.finetune.head_lr=0.02")
     assert run.data.params["train.global_batch"] == "64"
     assert float(run.data.params["train.backbone_lr"]) == pytest.approx(0.0005)
     assert float(run.data.params["train.head_lr"]) == pytest.approx(0.005)
 
 
 def test_bad_lr_scaling_is_refused_naming_the_choices(cli):
-    out = cli("stage=pretrain", *FAST, "stage.lr_scaling=cubic")
+    out = cli("stage=pretrain", *FAST, "stage.pretrain.lr_scaling=cubic")
     assert out.returncode != 0
     assert "lr_scaling" in out.stderr and "cubic" in out.stderr and "linear, sqrt, none" in out.stderr
 
@@ -75,9 +77,9 @@ def _part(state: dict, prefix: str) -> dict:
 
 @pytest.mark.parametrize("encoder, prefix", [(None, "teacher_backbone."), ("student", "backbone.")])
 def test_dino_saves_the_teacher_unless_asked_for_the_student(cli, encoder, prefix):
-    args = ["stage=pretrain", "method=dino", *FAST, "stage.batch_size=32", "stage.optimizer.lr=0.05",
-            "method.output_dim=256", "method.views.local_views=0", "stage.warmup_epochs=0"]
-    _, run = _run(cli, *args, *([f"stage.encoder={encoder}"] if encoder else []))
+    args = ["stage=pretrain", "method=dino", *FAST, "stage.pretrain.batch_size=32", "stage.pretrain.optimizer.lr=0.05",
+            "method.output_dim=256", "method.views.local_views=0", "stage.pretrain.loop.warmup_epochs=0"]
+    _, run = _run(cli, *args, *([f"stage.pretrain.encoder={encoder}"] if encoder else []))
     final, last = _final_and_last(cli)
     saved, other = _part(last, prefix), _part(last, "backbone." if encoder is None else "teacher_backbone.")
     assert final["encoder"].keys() == saved.keys()
@@ -88,7 +90,7 @@ def test_dino_saves_the_teacher_unless_asked_for_the_student(cli, encoder, prefi
 
 def test_ibot_saves_its_teacher_vit(cli):
     _, run = _run(cli, "stage=pretrain", "method=ibot", "backbone=vit_tiny", "+backbone.depth=2", *FAST,
-                  "stage.batch_size=16", "method.output_dim=256", "stage.warmup_epochs=0")
+                  "stage.pretrain.batch_size=16", "method.output_dim=256", "stage.pretrain.loop.warmup_epochs=0")
     final, last = _final_and_last(cli)
     teacher = _part(last, "teacher.vit.")
     assert final["encoder"].keys() == teacher.keys()
@@ -97,7 +99,7 @@ def test_ibot_saves_its_teacher_vit(cli):
 
 
 def test_teacher_of_a_method_without_one_fails_before_training(cli):
-    out = cli("stage=pretrain", *FAST, "method=simclr", "stage.encoder=teacher")
+    out = cli("stage=pretrain", *FAST, "method=simclr", "stage.pretrain.encoder=teacher")
     assert out.returncode != 0
-    assert "stage.encoder=teacher" in out.stderr and "SimCLR has no momentum teacher" in out.stderr
+    assert "stage.pretrain.encoder=teacher" in out.stderr and "SimCLR has no momentum teacher" in out.stderr
     assert not list((cli.cwd / "outputs").rglob("last.pt"))  # nothing trained

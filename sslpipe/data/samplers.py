@@ -16,7 +16,7 @@ class ClassBalancedLoader:
     with batches grouped by class: each batch draws `classes_per_batch` distinct classes, then
     `samples_per_class` images of each (without replacement when the class has enough, with
     replacement otherwise, as that function draws). An epoch is len(split) // batch images, like
-    EpochLoader's, so `stage.epochs` means the same. The draw of batch b of epoch e comes from
+    EpochLoader's, so `loop.epochs` means the same. The draw of batch b of epoch e comes from
     a generator seeded by (seed, e, b, rank): a resumed run and each DDP rank are reproducible.
     Unlabelled images (label -1) are never drawn."""
 

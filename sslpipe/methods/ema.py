@@ -32,14 +32,14 @@ def saved_encoder(method: nn.Module, which: str | None) -> tuple[str, nn.Module,
 
     which = which or capability(method, "evaluated_encoder")
     if which not in ENCODERS:
-        raise ConfigError(f"stage.encoder='{which}' is not one of: null (the method's), {', '.join(ENCODERS)}")
+        raise ConfigError(f"stage.pretrain.encoder='{which}' is not one of: null (the method's), {', '.join(ENCODERS)}")
     if which == "student":
         return which, method.backbone, method.projector
     for backbone, head in (("teacher_backbone", "teacher_projector"), ("key_backbone", "key_projector")):
         if hasattr(method, backbone):
             return which, getattr(method, backbone), getattr(method, head)
-    raise ConfigError(f"stage.encoder=teacher but {type(method).__name__} has no momentum teacher; "
-                      f"teachers: BYOL, DINO, iBOT, MoCo v1/v2/v3. Use stage.encoder=student or null")
+    raise ConfigError(f"stage.pretrain.encoder=teacher but {type(method).__name__} has no momentum teacher; "
+                      f"teachers: BYOL, DINO, iBOT, MoCo v1/v2/v3. Use stage.pretrain.encoder=student or null")
 
 
 def momentum_at(progress: float, start: float, end: float) -> float:

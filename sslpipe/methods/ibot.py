@@ -125,7 +125,7 @@ class IBOT(nn.Module):
             return loss + 0.0 * sum(p.sum() for p in self.patch_head.parameters() if p.requires_grad)
         if not patches.any():  # the patch centre is all-reduced: every rank must bring masked patches
             raise RuntimeError(f"iBOT: this rank's {len(images)} images drew no masked patch while other ranks' did; "
-                               f"raise stage.batch_size or method.batch_mask_ratio (a rank's share of the "
+                               f"raise stage.pretrain.batch_size or method.batch_mask_ratio (a rank's share of the "
                                f"masked images is drawn at random)")
         n = self.backbone.num_prefix_tokens
         with torch.no_grad():  # every patch token: the centre is their mean (below)

@@ -7,7 +7,7 @@ It USES LABELS: a supervised (or pseudo-labelled) pretraining objective, not a
 self-supervised one, and needs the class-balanced sampler (`sslpipe.data.samplers`).
 
 Under DDP each rank draws its own class-balanced batch and the loss, a sum over pairs, is
-taken within it: N ranks train on N independent batches of stage.batch_size, not on one
+taken within it: N ranks train on N independent batches of stage.pretrain.batch_size, not on one
 batch N times larger, so a 2-rank run and a 1-rank run at the same global batch differ
 from the first step (tests/test_equivalence.py asserts that difference)."""
 

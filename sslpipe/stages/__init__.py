@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Context:
-    cfg: DictConfig             # the whole config; cfg.stage is this stage's node
+    cfg: DictConfig             # the whole config; cfg.stage names the stage, cfg.stage.<name> holds its settings
     run_dir: Path               # this stage's folder (checkpoints, plots, exports)
     device: torch.device
     tracker: Tracker
@@ -34,16 +34,24 @@ class Context:
     # and `metrics`, the probes' results for the manifest); results never go into the config
     inputs: dict = field(default_factory=dict)
 
+    @property
+    def settings(self) -> DictConfig:
+        """This stage's settings: `stage.<name>` (conf/step/<name>.yaml), one spelling whether the
+        stage runs alone (stage=pretrain) or as a step of stage=pipeline."""
+        return self.cfg.stage[self.cfg.stage.name]
+
     def should_stop(self) -> bool:
         """Whether any rank caught a stop signal; a collective under DDP (every rank asks)."""
         return self.stop is not None and self.stop.requested()
 
     def for_stage(self, name: str, pretrained: str | None, sub_dir: str, suffix: str = "",
                   inputs: dict | None = None) -> "Context":
-        """The context of one pipeline step: cfg.stage replaced by cfg.stage.<name>."""
+        """The context of one pipeline step: cfg.stage as `stage=<name>` alone composes it (the
+        step's name, function and settings), so the step's run logs the same params."""
         cfg = self.cfg.copy()
+        node = self.cfg.stage[name]
         with open_dict(cfg):
-            cfg.stage = self.cfg.stage[name]
+            cfg.stage = OmegaConf.create({name: node, "name": name, "_target_": node._target_})
             cfg.pretrained = pretrained
         return Context(cfg, self.run_dir / sub_dir, self.device, self.tracker, self.parent_id, suffix, self.loader,
                        self.stop, inputs or {})

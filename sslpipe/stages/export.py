@@ -26,7 +26,7 @@ COMPATIBLE = ["st-vision/classification", "st-nn/linear-probe", "st-nn/fine-tune
 
 
 def _manifest(ctx: Context, files: dict, run_id: str | None, source: str, num_features: int) -> dict:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
     made = constructor(backbone_cfg)
     return {
@@ -54,9 +54,9 @@ def _manifest(ctx: Context, files: dict, run_id: str | None, source: str, num_fe
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     if st.format not in FORMATS:
-        raise ValueError(f"stage.format='{st.format}' is not an export format; valid: {', '.join(FORMATS)}")
+        raise ValueError(f"stage.export.format='{st.format}' is not an export format; valid: {', '.join(FORMATS)}")
     if cfg.pretrained in (None, "random"):
         raise ValueError("stage=export needs pretrained=<checkpoint | export folder | runs:/<run id>>")
     parts = pretrained_parts(str(cfg.pretrained), cfg.tracking.uri)

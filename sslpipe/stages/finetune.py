@@ -64,7 +64,7 @@ def param_groups(model: Classifier | nn.Module, backbone_lr: float, head_lr: flo
         return [{"params": list(model.backbone.parameters()), "lr": backbone_lr},
                 {"params": list(model.head.parameters()), "lr": head_lr}]
     if not 0 < layer_decay <= 1:
-        raise ValueError(f"stage.layer_decay={layer_decay} must be null or in (0, 1]")
+        raise ValueError(f"stage.finetune.layer_decay={layer_decay} must be null or in (0, 1]")
     ids = layer_ids(model.backbone)
     depth = max(ids.values(), default=0) + 1
     groups: dict[int, list] = {}
@@ -82,7 +82,7 @@ def predict(model: nn.Module, split, normalize, device: torch.device, batch_size
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=True)
     norm = normalizer(ctx).to(ctx.device)
@@ -100,7 +100,7 @@ def run(ctx: Context) -> StageResult:
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, "finetune", cfg.tracking.uri)
     model = convert_split_bn(Classifier(backbone, cfg.dataset.num_classes), st.split_bn).to(ctx.device)
-    lr_scale = LrScale.of_run(st.lr_scaling, st.batch_size, st.grad_accum)  # rates are per 256 images
+    lr_scale = LrScale.of_run(st.lr_scaling, st.batch_size, st.loop.grad_accum)  # rates are per 256 images
     optimizer = build(st.optimizer)(param_groups(model, lr_scale(st.backbone_lr), lr_scale(st.head_lr), st.layer_decay))
     trained = distributed.wrap(model, ctx.device)  # DDP when distributed: one model, gradients averaged
 
@@ -117,7 +117,7 @@ def run(ctx: Context) -> StageResult:
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
-        run.log_params({**protocol_params(ctx, epochs=st.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr,
+        run.log_params({**protocol_params(ctx, epochs=st.loop.epochs, backbone_lr=st.backbone_lr, head_lr=st.head_lr,
                                         layer_decay=st.layer_decay),
                         **lr_scale.params(backbone_lr=st.backbone_lr, head_lr=st.head_lr), "pretrained.source": source})
         with progress:  # ends the terminal line even when training fails

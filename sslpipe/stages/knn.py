@@ -22,7 +22,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, query
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
 
     def fit(features: torch.Tensor, labels: torch.Tensor) -> Fitted:  # kNN keeps the train features
         return Fitted(lambda query: knn_classify(features, labels, query, cfg.dataset.num_classes, st.k, st.temperature))

@@ -1,5 +1,5 @@
 """stage=linear_probe: a linear classifier on the frozen encoder, by one of two protocols
-(`stage.protocol`, logged as `protocol.protocol`, so that sslpipe.report keeps them apart):
+(`stage.linear_probe.protocol`, logged as `protocol.protocol`, so that sslpipe.report keeps them apart):
 
 - `cached` (default, fast): on features extracted once and cached (the skeleton and fit loop
   shared with the other probes: sslpipe.stages.probe).
@@ -34,7 +34,7 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, e
 
 
 def fit_linear_augmented(backbone: nn.Module, split, normalize: nn.Module, ctx: Context) -> nn.Linear:
-    """The published protocol's head (module docstring): `stage.augmented.{epochs, lr, momentum}`,
+    """The published protocol's head (module docstring): `stage.linear_probe.augmented.{epochs, lr, momentum}`,
     lr per 256 images. Every rank fits the same head on all images from the same seed, as the
     cached probes do (nothing to average)."""
     from dataclasses import replace
@@ -43,7 +43,7 @@ def fit_linear_augmented(backbone: nn.Module, split, normalize: nn.Module, ctx: 
     from sslpipe.data.stream import CropSpec
     from sslpipe.data.views import Augment, AugmentSpec, base_spec
 
-    cfg, st, device = ctx.cfg, ctx.cfg.stage, ctx.device
+    cfg, st, device = ctx.cfg, ctx.settings, ctx.device
     aug_cfg = st.augmented
     data = base_spec(cfg.dataset.augment)  # the data set's crops and whether it flips, nothing else
     spec = replace(AugmentSpec(jitter_prob=0.0, grayscale_prob=0.0), crop_scale=data.crop_scale,
@@ -84,10 +84,10 @@ def fit_linear_augmented(backbone: nn.Module, split, normalize: nn.Module, ctx: 
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     lr_scale = head_lr_scale(st)
     if st.protocol not in ("cached", "augmented"):
-        raise ValueError(f"stage.protocol={st.protocol!r}: linear_probe's protocols are cached (features extracted "
+        raise ValueError(f"stage.linear_probe.protocol={st.protocol!r}: linear_probe's protocols are cached (features extracted "
                          "once, fast) and augmented (SGD on fresh crops of the frozen encoder, DINO / MAE)")
 
     def save(head: nn.Linear) -> Fitted:

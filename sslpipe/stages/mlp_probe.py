@@ -40,7 +40,7 @@ def fit_mlp(features: torch.Tensor, labels: torch.Tensor, num_classes: int, hidd
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     lr_scale = head_lr_scale(st)
 
     def fit(features: torch.Tensor, labels: torch.Tensor) -> Fitted:

@@ -40,7 +40,7 @@ def _headline(row: dict) -> dict[str, float]:
 
 def _check(st, key: str) -> None:
     """Every name in stage.<key> is a step: a node of stage=pipeline's config with a stage `_target_`
-    (conf/stage/pipeline.yaml's defaults), pretrain aside."""
+    (conf/stage/pipeline.yaml's defaults: conf/step/<name>.yaml), pretrain aside."""
     steps = [k for k, v in st.items() if isinstance(v, DictConfig) and "_target_" in v and k != "pretrain"]
     bad = [n for n in st[key] if n not in steps]
     if bad:
@@ -81,7 +81,7 @@ def run(ctx: Context) -> StageResult:
             if key not in journal.steps:
                 if ctx.should_stop():  # a signal during a step without a training loop: stop between steps
                     raise Preempted(f"stopped before pipeline step {key} by a signal; {journal.path} has the rest")
-                out = get_method(sub.cfg.stage._target_)(sub)  # conf/stage/<step>.yaml names it
+                out = get_method(sub.cfg.stage._target_)(sub)  # conf/step/<step>.yaml names it
                 journal.steps[key] = dataclasses.asdict(out)
                 journal.save()
             return StageResult(**journal.steps[key])

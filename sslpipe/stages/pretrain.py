@@ -52,13 +52,12 @@ def check_pairing(method_name: str, method_cls, backbone: torch.nn.Module, backb
         raise ConfigError(f"{method_name} needs a ViT backbone ({', '.join(vit_backbones())}); got {backbone_name}")
 
 
-def _loader(cfg, method_cls, train, views: MultiView, device: torch.device):
+def _loader(cfg, st, method_cls, train, views: MultiView, device: torch.device):
     """Shuffled batches (from memory, or streamed with every view cut in the workers);
-    class-balanced ones (stage.batch_size // method.samples_per_class classes x
+    class-balanced ones (stage.pretrain.batch_size // method.samples_per_class classes x
     samples_per_class images) for a method that declares `class_balanced` (SIMO2)."""
     from sslpipe.validate import ConfigError
 
-    st = cfg.stage
     if capability(method_cls, "needs_sample_ids"):  # MoCo v1/v2: each image's index as its "label"
         train = with_sample_ids(train)
     if not capability(method_cls, "class_balanced"):
@@ -70,18 +69,18 @@ def _loader(cfg, method_cls, train, views: MultiView, device: torch.device):
     per_class = cfg.method.samples_per_class
     classes = min(st.batch_size // per_class, int((train.labels.unique() >= 0).sum()))
     if classes < 2:
-        raise ConfigError(f"{cfg.method.name} draws class-balanced batches of stage.batch_size // "
+        raise ConfigError(f"{cfg.method.name} draws class-balanced batches of stage.pretrain.batch_size // "
                           f"method.samples_per_class classes; {st.batch_size} // {per_class} = "
-                          f"{st.batch_size // per_class} < 2. Raise stage.batch_size to >= {2 * per_class} "
+                          f"{st.batch_size // per_class} < 2. Raise stage.pretrain.batch_size to >= {2 * per_class} "
                           f"or lower method.samples_per_class")
     if classes * per_class != st.batch_size:
-        log.info("%s: class-balanced batches of %d classes x %d images = %d (stage.batch_size=%d)",
+        log.info("%s: class-balanced batches of %d classes x %d images = %d (stage.pretrain.batch_size=%d)",
                  cfg.method.name, classes, per_class, classes * per_class, st.batch_size)
     return ClassBalancedLoader(train, per_class, classes, seed=cfg.seed, rank=rank(), world_size=world_size())
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     # ------------------------------------------------------------ what the method needs (fail before any work)
     method_cls = get_class(cfg.method._target_)
     backbone = build_backbone(ctx)
@@ -97,15 +96,15 @@ def run(ctx: Context) -> StageResult:
     # run batched on the GPU, or, training on the CPU, per image in the workers too
     views = MultiView(cfg.dataset.image_size, plan, list(cfg.dataset.norm.mean), list(cfg.dataset.norm.std),
                       crop=not is_streamed(train), in_workers=ops_in_workers(train, ctx.device)).to(ctx.device)
-    loader = _loader(cfg, method_cls, train, views, ctx.device)
+    loader = _loader(cfg, st, method_cls, train, views, ctx.device)
     if capability(method, "fit_data"):  # e.g. MoCo's queue: no larger than the data allows
         method.fit_data(len(splits.train), loader.batch_size)
     method = method.to(ctx.device)
     method = prepare_model(method, channels_last=st.channels_last, compile=st.compile)  # channels_last, torch.compile
-    # the stage's optimizer or the method paper's (stage.optimizer_from); its lr is per 256 images and
+    # the stage's optimizer or the method paper's (stage.pretrain.optimizer_from); its lr is per 256 images and
     # the step's rate follows the global batch (engine.LrScale)
     opt = optimizer_config(st, cfg.method)
-    lr_scale = LrScale.of_run(st.lr_scaling, loader.batch_size, st.grad_accum)
+    lr_scale = LrScale.of_run(st.lr_scaling, loader.batch_size, st.loop.grad_accum)
     factory = functools.partial(build(opt), lr=lr_scale(opt.lr))
     # no weight decay (nor LARS adaptation) on biases, norms, position embeddings, tokens (sslpipe.optim)
     groups = weight_decay_groups(method, opt.get("weight_decay", 0.0), st.weight_decay_exclude)
@@ -132,34 +131,34 @@ def run(ctx: Context) -> StageResult:
         progress.close()
 
 
-MONITOR_BUDGET = 0.05  # `stage.monitor.every: auto` keeps the online checks under 5 % of training time
+MONITOR_BUDGET = 0.05  # `stage.pretrain.monitor.every: auto` keeps the online checks under 5 % of training time
 
 
 def _monitor(ctx: Context, splits, method, total: int, start_step: int) -> Monitor | None:
     """The online kNN and collapse signals on the encoder the run saves (DINO: the teacher),
-    every `stage.monitor.every` steps (auto: about 10 checks, on logged steps); None when off
+    every `stage.pretrain.monitor.every` steps (auto: about 10 checks, on logged steps); None when off
     or when the data has no labelled held-out split."""
-    st = ctx.cfg.stage
+    st = ctx.settings
     every, budget = st.monitor.every, None
     if every == "auto":  # about 10 checks, widened while they would cost over 5 % of training
-        every, budget = max(1, round(total / 10 / st.log_every)) * st.log_every, MONITOR_BUDGET
+        every, budget = max(1, round(total / 10 / st.loop.log_every)) * st.loop.log_every, MONITOR_BUDGET
     queries = splits.val if splits.val is not None else splits.test
     if not every or queries is None or not bool((splits.train.labels >= 0).any()):
         return None
-    if every % st.log_every:
-        every = -(-every // st.log_every) * st.log_every
-        log.info("stage.monitor.every rounded up to %d, a multiple of stage.log_every", every)
+    if every % st.loop.log_every:
+        every = -(-every // st.loop.log_every) * st.loop.log_every
+        log.info("stage.pretrain.monitor.every rounded up to %d, a multiple of loop.log_every", every)
     _, encoder, _ = saved_encoder(method, st.encoder)
     return Monitor(encoder, subset(splits.train, st.monitor.bank, ctx.cfg.seed),
                    subset(queries, st.monitor.queries, ctx.cfg.seed), normalizer(ctx).to(ctx.device), ctx.device,
-                   ctx.cfg.dataset.num_classes, every, budget=budget, multiple=st.log_every, start_step=start_step)
+                   ctx.cfg.dataset.num_classes, every, budget=budget, multiple=st.loop.log_every, start_step=start_step)
 
 
 def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor | None, progress: Progress) -> StageResult:
     cfg = ctx.cfg
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
-        opt = optimizer_config(cfg.stage, cfg.method)
+        opt = optimizer_config(ctx.settings, cfg.method)
         run.log_params({**lr_scale.params(lr=opt.lr), "train.optimizer": opt._target_.rsplit(".", 1)[-1]})
         history: list[tuple[int, float, float]] = []
 
@@ -177,7 +176,7 @@ def _fit(ctx: Context, method, loop: Loop, lr_scale: LrScale, monitor: Monitor |
         run.set_tags(loop.agreement_tags())
         # ------------------------------------------------------------ save and log
         final = ctx.run_dir / "checkpoints" / "final.pt"
-        which, encoder, head = saved_encoder(method, cfg.stage.encoder)  # DINO / iBOT: the teacher
+        which, encoder, head = saved_encoder(method, ctx.settings.encoder)  # DINO / iBOT: the teacher
         if distributed.is_main():
             ckpt.atomic_save({"encoder": encoder.state_dict(), "projector": head.state_dict(), "encoder_from": which},
                              final)

@@ -76,7 +76,7 @@ def run_probe(ctx: Context, params: dict, fit: Callable[[torch.Tensor, torch.Ten
     source = load_pretrained(backbone, cfg.pretrained, cfg.stage.name, cfg.tracking.uri)
     with stage_run(ctx) as run:
         run.log_params({**protocol_params(ctx, **params), "pretrained.source": source,
-                        **(lr_scale.params(lr=params.get("lr", cfg.stage.get("lr"))) if lr_scale else {})})
+                        **(lr_scale.params(lr=params.get("lr", ctx.settings.get("lr"))) if lr_scale else {})})
         norm = normalizer(ctx)
         named = [("train", splits.train)] if fit_images is None else []
         feats = {name: extract_features(backbone, split, norm, ctx.device, feature_batch)

@@ -113,9 +113,9 @@ def _require_masks(splits, dataset: str) -> None:
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     if st.loss not in LOSSES:
-        raise ValueError(f"stage.loss='{st.loss}' is not a segmentation loss; valid: {', '.join(LOSSES)}")
+        raise ValueError(f"stage.segment.loss='{st.loss}' is not a segmentation loss; valid: {', '.join(LOSSES)}")
     # ------------------------------------------------------------ data
     splits = build_splits(ctx, labelled=True)
     _require_masks(splits, cfg.dataset.name)
@@ -134,7 +134,7 @@ def run(ctx: Context) -> StageResult:
     model = convert_split_bn(Segmenter(backbone, channels, st.hidden), st.split_bn).to(ctx.device)
     if st.freeze_backbone:
         model.backbone.requires_grad_(False)
-    lr_scale = LrScale.of_run(st.lr_scaling, st.batch_size, st.grad_accum)  # rates are per 256 images
+    lr_scale = LrScale.of_run(st.lr_scaling, st.batch_size, st.loop.grad_accum)  # rates are per 256 images
     groups = [{"params": list(model.head.parameters()), "lr": lr_scale(st.head_lr)}]
     if not st.freeze_backbone:
         groups.insert(0, {"params": list(model.backbone.parameters()), "lr": lr_scale(st.backbone_lr)})
@@ -157,7 +157,7 @@ def run(ctx: Context) -> StageResult:
     loop.resume()
     with stage_run(ctx, run_id=loop.state.extra.get("run_id")) as run:
         loop.state.extra["run_id"] = run.id
-        run.log_params({**protocol_params(ctx, epochs=st.epochs, max_steps=st.max_steps, loss=st.loss,
+        run.log_params({**protocol_params(ctx, epochs=st.loop.epochs, max_steps=st.loop.max_steps, loss=st.loss,
                                           backbone_lr=st.backbone_lr, head_lr=st.head_lr,
                                           freeze_backbone=st.freeze_backbone),
                         **lr_scale.params(backbone_lr=st.backbone_lr, head_lr=st.head_lr), "pretrained.source": source})

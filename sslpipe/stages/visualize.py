@@ -66,10 +66,10 @@ def closest_pairs(features: torch.Tensor, labels: torch.Tensor, n: int) -> list[
 
 
 def run(ctx: Context) -> StageResult:
-    cfg, st = ctx.cfg, ctx.cfg.stage
+    cfg, st = ctx.cfg, ctx.settings
     bad = [m for m in st.methods if m not in METHODS]
     if bad:
-        raise ValueError(f"stage.methods has unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"stage.visualize.methods has unknown method(s) {bad}; valid: {', '.join(METHODS)}")
     splits = build_splits(ctx, labelled=True)
     backbone = build_backbone(ctx)
     source = load_pretrained(backbone, cfg.pretrained, "visualize", cfg.tracking.uri)
