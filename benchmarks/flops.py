@@ -50,8 +50,7 @@ def timed_loop(tr: Training, steps: int, tmp: Path) -> float:
     settings = LoopSettings(epochs=10**6, max_steps=steps, warmup_epochs=0, amp=st.amp,
                             checkpoint_every=st.checkpoint_every, log_every=st.log_every)
     (tmp / "last.pt").unlink(missing_ok=True)
-    loop = Loop(tr.method, tr.step, tr.optimizer, tr.loader(), settings, tr.device, tmp / "last.pt",
-                after_step=tr.method.after_step)
+    loop = Loop(tr.method, tr.step, tr.optimizer, tr.loader(), settings, tr.device, tmp / "last.pt")
     sync(str(tr.device))
     t = time.perf_counter()
     loop.run(run.log_metrics)

@@ -38,7 +38,7 @@ def sslpipe_loop(tr: Training, steps: int, tmp: Path, tracker) -> float:
 
         kwargs["progress"] = Progress("overhead", stream=io.StringIO(), mode="tty")  # drawn, to a buffer
     loop = Loop(tr.method, tr.step, tr.optimizer, tr.loader(), settings, tr.device, tmp / "last.pt",
-                after_step=tr.method.after_step, **kwargs)
+                **kwargs)
     sync(str(tr.device))
     t0 = time.perf_counter()
     loop.run(run.log_metrics)

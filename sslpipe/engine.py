@@ -170,21 +170,20 @@ class TrainingStep(nn.Module):
 class Loop:
     """`Loop(...).run(log_metrics)` trains to the end, resuming from `checkpoint_path` when it
     exists (`resume()` first). Each optimizer step is: `step(images, labels, progress)` -> loss,
-    backward, `before_optimizer_step(progress)` (after clipping; e.g. DINO's frozen last layer),
-    optimizer step, `after_step(progress)` (e.g. an EMA teacher's update)."""
+    backward, clipping, `model.before_optimizer_step(progress)` (e.g. DINO's frozen last layer),
+    optimizer step, `model.after_step(progress)` (e.g. an EMA teacher's update). The two hooks are
+    the model's own methods where it has them (the optional and required members of
+    sslpipe.methods.Method); a model without them (a fine-tune classifier) skips them."""
 
     def __init__(self, model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
                  optimizer: torch.optim.Optimizer, loader, settings: LoopSettings, device: torch.device,
                  checkpoint_path: Path,
-                 after_step: Callable[[float], None] = lambda p: None,
-                 before_optimizer_step: Callable[[float], None] = lambda p: None,
                  should_stop: Callable[[], bool] = lambda: False, progress=None, seed: int = 0):
         if settings.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {settings.grad_accum}")
         self.model, self.step_fn, self.optimizer, self.loader = model, step, optimizer, loader
         self.settings, self.device, self.path = settings, device, Path(checkpoint_path)
-        self.after_step, self.should_stop = after_step, should_stop
-        self.before_optimizer_step = before_optimizer_step  # e.g. DINO's frozen last layer: grads set to None
+        self.should_stop = should_stop
         self.progress = progress  # e.g. sslpipe.progress.Progress: update(step, total, epoch, loss, images) per step
         self.total = total_steps(settings, len(loader))
         if self.total < 1:
@@ -280,7 +279,8 @@ class Loop:
                     self.scheduler.step()
                     accum = 0
                     state.step += 1
-                    self.after_step(state.step / self.total)
+                    if hasattr(self.model, "after_step"):  # an EMA / momentum teacher's update
+                        self.model.after_step(state.step / self.total)
                     if self.progress is not None:  # the loss stays a device scalar unless it is drawn
                         self.progress.update(state.step, self.total, state.epoch + state.batch / len(self.loader),
                                              loss.detach(), len(labels) * s.grad_accum)
@@ -324,7 +324,8 @@ class Loop:
         s = self.settings
         if s.clip_grad:
             optim.clip_per_parameter(self.model.parameters(), s.clip_grad)
-        self.before_optimizer_step(progress)
+        if hasattr(self.model, "before_optimizer_step"):  # e.g. DINO's frozen last layer: grads set to None
+            self.model.before_optimizer_step(progress)
         if s.weight_decay_end is not None:
             optim.schedule_weight_decay(self.optimizer, progress, s.weight_decay_end)
         self.optimizer.step()

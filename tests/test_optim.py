@@ -63,9 +63,14 @@ def test_loop_clips_and_schedules_before_each_step(tmp_path):
     from sslpipe.engine import Loop, LoopSettings
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    split = Split(torch.randint(0, 255, (32, 1, 2, 2), dtype=torch.uint8), torch.zeros(32, dtype=torch.long))
     seen = []
+
+    class Model(torch.nn.Linear):
+        def before_optimizer_step(self, progress):  # what the loop calls between clipping and the step
+            seen.append([q.grad.norm().item() for q in self.parameters()])
+
+    model = Model(4, 1)
+    split = Split(torch.randint(0, 255, (32, 1, 2, 2), dtype=torch.uint8), torch.zeros(32, dtype=torch.long))
 
     def step(images, labels, progress):
         return 1e4 * model(images.float().flatten(1) / 255).pow(2).mean()  # gradients far above the cap
@@ -75,8 +80,7 @@ def test_loop_clips_and_schedules_before_each_step(tmp_path):
     before = [p.detach().clone() for p in model.parameters()]
     settings = LoopSettings(epochs=1, max_steps=4, clip_grad=0.01, weight_decay_end=0.5, checkpoint_every=100)
     loop = Loop(model, step, optimizer, EpochLoader(split, 8, shuffle=True, drop_last=True), settings,
-                torch.device("cpu"), tmp_path / "last.pt",
-                before_optimizer_step=lambda p: seen.append([q.grad.norm().item() for q in model.parameters()]))
+                torch.device("cpu"), tmp_path / "last.pt")
     loop.run()
     assert len(seen) == 4 and all(norm <= 0.01 + 1e-6 for norms in seen for norm in norms)
     assert (model.bias - before[1]).abs().max().item() <= 4 * 0.01 + 1e-5  # lr 1 x clipped grad x 4 steps

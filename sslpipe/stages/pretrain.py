@@ -120,7 +120,6 @@ def run(ctx: Context) -> StageResult:
     progress = Progress(f"pretrain {cfg.method.name}", mode=None if distributed.is_main() else "off")
     settings = LoopSettings.of_stage(st, recipe=cfg.method.get("optim"))  # clipping etc.: the method's paper
     loop = Loop(method, step, optimizer, loader, settings, ctx.device, ctx.run_dir / "checkpoints" / "last.pt",
-                after_step=method.after_step, before_optimizer_step=capability(method, "before_optimizer_step") or (lambda p: None),
                 should_stop=ctx.should_stop,  # SIGUSR2 / SIGTERM: checkpoint at the next step (sslpipe/__main__.py)
                 progress=progress, seed=cfg.seed)
     loop.resume()
