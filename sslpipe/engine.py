@@ -206,12 +206,15 @@ class Loop:
     def check_finite(self) -> None:
         """Raise NonFiniteLossError if a loss since the last check was NaN/inf (CUDA path)."""
         if self._unchecked is not None and not torch.isfinite(self._unchecked):
-            kept = (f"the last good checkpoint is kept at {self.path}" if self.path.exists()
-                    else "no checkpoint had been written yet")
-            raise NonFiniteLossError(f"loss became {self._unchecked.item()} between steps {self._unchecked_from} and "
-                                     f"{self.state.step} (epoch {self.state.epoch}); {kept}. "
-                                     f"Lower the learning rate or check the data.")
+            raise self._non_finite(self._unchecked.item(), f"between steps {self._unchecked_from} and {self.state.step}")
         self._unchecked, self._unchecked_from = None, self.state.step
+
+    def _non_finite(self, loss: float, when: str) -> NonFiniteLossError:
+        """The one NaN / inf message: when it happened, what checkpoint is kept, what to change."""
+        kept = (f"the last good checkpoint is kept at {self.path}" if self.path.exists()
+                else "no checkpoint had been written yet")
+        return NonFiniteLossError(f"loss became {loss} {when} (epoch {self.state.epoch}); {kept}. "
+                                  f"Lower the learning rate or check the data.")
 
     def save(self) -> None:
         self.check_finite()  # never overwrite a good checkpoint with weights a NaN step has touched
@@ -261,10 +264,7 @@ class Loop:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self.step_fn(images_u8, labels, progress)
                 if self.sync_every_step and not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint is kept at {self.path}" if self.path.exists()
-                            else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(f"loss became {loss.item()} at step {state.step} (epoch {state.epoch}); "
-                                             f"{kept}. Lower the learning rate or check the data.")
+                    raise self._non_finite(loss.item(), f"at step {state.step}")
                 (loss / s.grad_accum).backward()
                 accum += 1
                 state.batch += 1

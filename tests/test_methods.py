@@ -444,7 +444,8 @@ def test_autoencoder_regresses_the_clean_view_from_a_noisy_one():
 
 # ---------------------------------------------------------------------------- pairing + experiments
 def test_vit_method_on_a_cnn_fails_naming_what_fits():
-    from sslpipe.stages.pretrain import check_pairing, vit_backbones
+    from sslpipe.methods.vit import vit_backbones
+    from sslpipe.stages.pretrain import check_pairing
     from sslpipe.methods.ibot import IBOT
     from sslpipe.backbones import SmallCNN
 

@@ -28,28 +28,13 @@ from sslpipe.stages import Context, StageResult, build_backbone, build_method, b
 log = logging.getLogger(__name__)
 
 
-def vit_backbones() -> list[str]:
-    """The backbone options (conf/backbone/*.yaml) that build a timm ViT."""
-    from importlib.resources import files
-
-    from omegaconf import OmegaConf
-
-    found = []
-    for path in sorted(files("sslpipe.conf").joinpath("backbone").iterdir(), key=lambda p: p.name):
-        if path.name.endswith(".yaml"):
-            node = OmegaConf.create(path.read_text())
-            if str(node.get("model_name", "")).startswith(("vit_", "deit_")):
-                found.append(path.name[:-5])
-    return found
-
-
 def check_pairing(method_name: str, method_cls, backbone: torch.nn.Module, backbone_name: str) -> None:
-    """A method that needs a ViT (iBOT, MAE: masked patch tokens) fails here, naming what fits."""
-    from sslpipe.methods.vit import is_vit
-    from sslpipe.validate import ConfigError
+    """A method that needs a ViT (iBOT, MAE: masked patch tokens) fails here, before any data is
+    read, naming what fits."""
+    from sslpipe.methods.vit import require_vit
 
-    if capability(method_cls, "needs_vit") and not is_vit(backbone):
-        raise ConfigError(f"{method_name} needs a ViT backbone ({', '.join(vit_backbones())}); got {backbone_name}")
+    if capability(method_cls, "needs_vit"):
+        require_vit(backbone, method_name, backbone_name)
 
 
 def _loader(cfg, st, method_cls, train, views: MultiView, device: torch.device):
