@@ -94,7 +94,8 @@ class Training:
         from sslpipe.data.loaders import device_pool
         from sslpipe.engine import prepare_model
         from sslpipe.optim import build_optimizer
-        from sslpipe.stages import Context, build_backbone, build_method, build_splits
+        from sslpipe.stages.build import build_backbone, build_method, build_splits
+        from sslpipe.stages.context import Context
 
         self.cfg = cfg = compose(["stage=pretrain", *overrides])
         st = cfg.stage.pretrain
@@ -113,7 +114,7 @@ class Training:
         self.batch_size = st.batch_size
 
     def loader(self):
-        from sslpipe.data import EpochLoader
+        from sslpipe.data.epochs import EpochLoader
 
         return EpochLoader(self.pool, self.batch_size, shuffle=True, drop_last=True, seed=self.cfg.seed)
 

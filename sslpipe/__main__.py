@@ -70,7 +70,7 @@ def run(cfg: DictConfig, folder: Path | None = None) -> dict | float:
     from sslpipe.engine import Preempted, resolve_device
     from sslpipe.preempt import StopSignal
     from sslpipe.seeding import seed_process
-    from sslpipe.stages import Context
+    from sslpipe.stages.context import Context
     from sslpipe.tracking import open_tracker
 
     # Processes: one, or the DDP ranks torchrun / SLURM started, joined here once for every

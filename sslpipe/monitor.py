@@ -89,7 +89,7 @@ class Monitor:
     def __call__(self, step: int, total: int) -> dict[str, float]:
         if not self.due(step, total):
             return {}
-        from sslpipe.stages import extract_features
+        from sslpipe.stages.features import extract_features
         from sslpipe.stages.knn import knn_classify
 
         started = time.perf_counter()

@@ -90,7 +90,7 @@ def test_one_spelling_per_setting_and_the_loop_node_is_loop_settings():
     from omegaconf import DictConfig
 
     from sslpipe.engine import LoopSettings
-    from sslpipe.stages import Context
+    from sslpipe.stages.context import Context
 
     pipeline = compose(["stage=pipeline", "stage.pretrain.loop.epochs=7", "stage.knn.k=3"])
     steps = sorted(p.stem for p in (REPO / "conf" / "step").glob("*.yaml"))

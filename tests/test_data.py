@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sslpipe.config import build, compose
-from sslpipe.stages import Context, build_splits
+from sslpipe.stages.build import build_splits
+from sslpipe.stages.context import Context
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
@@ -362,14 +363,14 @@ def test_data_ratio_shrinks_training_data_for_every_stage():
 
 
 def test_data_ratio_cuts_the_unlabeled_pool_too():
-    from sslpipe.data import Split, data_ratio_subset
+    from sslpipe.data.split import Split, data_ratio_subset
 
     pool = Split(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.full((100,), -1))
     assert len(data_ratio_subset(pool, 0.25, seed=0)) == 25
 
 
 def test_resize_in_chunks_equals_one_pass():
-    from sslpipe.data import resize_uint8
+    from sslpipe.data.split import resize_uint8
 
     x = torch.from_numpy(rng_images(10, 3, 20, 20))
     one = torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear", align_corners=False, antialias=True)

@@ -16,7 +16,8 @@ import torch
 
 from conftest import run_cli
 from sslpipe import checkpoint as ckpt
-from sslpipe.data import EpochLoader, Split
+from sslpipe.data.epochs import EpochLoader
+from sslpipe.data.split import Split
 from sslpipe.engine import Loop, LoopSettings, NonFiniteLossError
 
 

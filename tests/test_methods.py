@@ -34,7 +34,7 @@ def compose_method(name: str, *overrides: str):
 
 
 def build_method(name: str, *overrides: str):
-    from sslpipe.stages import build_method as build_with_views
+    from sslpipe.stages.build import build_method as build_with_views
 
     cfg = compose_method(name, *overrides)
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def digits_batch():
 
 def make_views(method, cfg, images):
     from sslpipe.data.views import MultiView
-    from sslpipe.stages import build_method as build_with_views
+    from sslpipe.stages.build import build_method as build_with_views
 
     torch.manual_seed(1)
     plan = build_with_views(cfg, build(cfg.backbone))[1]
@@ -296,7 +296,7 @@ def test_moco_never_contrasts_a_query_with_its_own_images_key():
     the loss is exactly the InfoNCE without them, so no query meets its own image's key."""
     import torch.nn.functional as F
 
-    from sslpipe.data import epoch_order
+    from sslpipe.data.epochs import epoch_order
 
     n, batch = 200, 20
     method, cfg = build_method("mocov2", "method.bn_splits=1")
@@ -387,7 +387,7 @@ def test_simo2_rejects_unbalanced_batches():
 
 
 def test_class_balanced_loader():
-    from sslpipe.data import Split
+    from sslpipe.data.split import Split
     from sslpipe.data.samplers import ClassBalancedLoader
 
     labels = torch.arange(100) % 5

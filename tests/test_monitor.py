@@ -56,7 +56,7 @@ def test_a_collapsing_run_is_flagged(cli):
 def test_auto_interval_widens_to_keep_checks_within_budget():
     import time
 
-    from sslpipe.data import Split
+    from sslpipe.data.split import Split
     from sslpipe.data.digits import load_digits
     from sslpipe.data.views import Normalize
     from sslpipe.monitor import Monitor
@@ -83,7 +83,7 @@ def test_budget_is_kept_over_the_whole_run_final_check_included():
     training has earned it."""
     import time
 
-    from sslpipe.data import Split
+    from sslpipe.data.split import Split
     from sslpipe.data.digits import load_digits
     from sslpipe.data.views import Normalize
     from sslpipe.monitor import Monitor

@@ -59,7 +59,8 @@ def test_clipping_caps_each_parameter_on_its_own():
 
 
 def test_loop_clips_and_schedules_before_each_step(tmp_path):
-    from sslpipe.data import EpochLoader, Split
+    from sslpipe.data.epochs import EpochLoader
+    from sslpipe.data.split import Split
     from sslpipe.engine import Loop, LoopSettings
 
     torch.manual_seed(0)

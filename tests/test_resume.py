@@ -202,7 +202,7 @@ def test_pipeline_stopped_in_finetune_resumes_into_one_parent_run(tmp_path, pipe
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from sslpipe import distributed
-    from sslpipe.data import Split
+    from sslpipe.data.split import Split
 
     distributed.setup(torch.device("cpu"))
     torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's

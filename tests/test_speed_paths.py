@@ -68,7 +68,8 @@ def test_resized_crop_boxes_keep_torchvision_ranges_and_the_whole_image_crop_is_
 
 
 def test_deferred_nan_check_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    from sslpipe.data import EpochLoader, Split
+    from sslpipe.data.epochs import EpochLoader
+    from sslpipe.data.split import Split
     from sslpipe.engine import Loop, LoopSettings, NonFiniteLossError
 
     torch.manual_seed(0)

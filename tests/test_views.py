@@ -9,7 +9,7 @@ import torch
 
 from sslpipe.config import build, compose
 from sslpipe.data.views import MultiView
-from sslpipe.stages import build_method
+from sslpipe.stages.build import build_method
 
 
 def built_views(*overrides: str) -> MultiView:

@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits as _sk_load_digits
 from sklearn.model_selection import train_test_split
 
-from sslpipe.data import Split, Splits, resize_uint8, to_uint8_nchw
+from sslpipe.data.split import Split, Splits, resize_uint8, to_uint8_nchw
 
 
 def load_digits(image_size: int = 16, val_size: float = 0.15, test_size: float = 0.15, split_seed: int = 0) -> Splits:

@@ -202,3 +202,11 @@ def cached_listing(folder: str, classes: list[str], index_dir: str | None = None
         except OSError:
             continue
     return table, labels
+
+
+def require_files(dataset: str, root: str, relpaths: list[str], hint: str) -> None:
+    """Fail before reading when files are missing: name the root, each missing file, and the fix."""
+    missing = [p for p in relpaths if not (Path(root) / p).exists()]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+        raise FileNotFoundError(f"{dataset}: missing under root='{root}': {shown}. {hint}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from sslpipe.data import Split, Splits
+from sslpipe.data.split import Split, Splits
 from sslpipe.data.files import FileSplit, cached_listing
 from sslpipe.data.stream import LOADERS, BadImageError, EvalCrop, ReadSettings, open_image, worker_count
 

@@ -8,7 +8,9 @@ import logging
 
 import torch
 
-from sslpipe.data import EpochLoader, Split
+from sslpipe.data.epochs import EpochLoader
+
+from sslpipe.data.split import Split
 from sslpipe.data.files import FileSplit
 from sslpipe.data.shards import ShardLoader, ShardSplit
 from sslpipe.data.stream import CropSpec, StreamLoader

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslpipe.data import Split, Splits, require_files, resize_uint8, to_uint8_nchw
+from sslpipe.data.files import require_files
+
+from sslpipe.data.split import Split, Splits, resize_uint8, to_uint8_nchw
 
 
 def _read(root: Path, split: str, images_file: str, labels_file: str, image_size: int) -> Split:

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslpipe.data import Split, Splits, require_files
+from sslpipe.data.files import require_files
+
+from sslpipe.data.split import Split, Splits
 from sslpipe.data.torchvision_sets import _hold_out_val
 
 # The trimaps' pixel values (the data set's README): 1 pet, 2 background, 3 the unclassified

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sslpipe.data import Split
+from sslpipe.data.split import Split
 
 
 class ClassBalancedLoader:

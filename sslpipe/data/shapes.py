@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sslpipe.data import Split, Splits
+from sslpipe.data.split import Split, Splits
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 TEXTURES = ("solid", "stripes", "checker", "noise")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslpipe.data import Splits
+from sslpipe.data.split import Splits
 from sslpipe.data.files import FileSplit, PathTable, ReadSettings
 from sslpipe.data.stream import BadImageError, EvalCrop, LoaderOptions, TrainCrops, sample_generator, worker_count
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslpipe.data import epoch_order
+from sslpipe.data.epochs import epoch_order
 from sslpipe.data.fastaug import RandomResizedCrop
 from sslpipe.data.files import FileSplit, ReadSettings
 

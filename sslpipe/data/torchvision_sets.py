@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from sslpipe.data import Split, Splits, require_files, resize_uint8, to_uint8_nchw
+from sslpipe.data.files import require_files
+
+from sslpipe.data.split import Split, Splits, resize_uint8, to_uint8_nchw
 
 
 def _cifar_class(variant: str):

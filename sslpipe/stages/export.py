@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from sslpipe.pretrained import load_encoder_state, pretrained_parts
 from sslpipe.tensorfiles import FORMATS, constructor, read_tensors, write_tensors
 from sslpipe.results import print_table
-from sslpipe.stages import Context, StageResult, build_backbone, stage_run
+from sslpipe.stages.build import build_backbone
+from sslpipe.stages.context import Context, StageResult, stage_run
 from sslpipe.tracking import git_commit
 
 FORMAT_VERSION = 1

@@ -22,8 +22,8 @@ from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.progress import Progress
 from sslpipe.results import print_table
-from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, log_classification, normalizer,
-                            protocol_params, stage_run)
+from sslpipe.stages.build import build_backbone, build_splits, normalizer
+from sslpipe.stages.context import Context, StageResult, log_classification, protocol_params, stage_run
 
 
 class Classifier(nn.Module):

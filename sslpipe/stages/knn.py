@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 
-from sslpipe.stages import Context, StageResult
+from sslpipe.stages.context import Context, StageResult
 from sslpipe.stages.probe import Fitted, run_probe
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslpipe.tensorfiles import write_tensors
-from sslpipe.stages import Context, StageResult
+from sslpipe.stages.context import Context, StageResult
 from sslpipe.engine import LrScale
 from sslpipe.stages.probe import Fitted, fit_head, head_lr_scale, run_probe
 

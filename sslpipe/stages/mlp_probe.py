@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sslpipe.stages import Context, StageResult
+from sslpipe.stages.context import Context, StageResult
 from sslpipe.stages.probe import Fitted, fit_head, head_lr_scale, run_probe
 
 

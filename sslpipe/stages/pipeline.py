@@ -24,7 +24,8 @@ from sslpipe.engine import Preempted
 from sslpipe.atomic import atomic_write
 
 from sslpipe.results import results_table, write_results
-from sslpipe.stages import Context, StageResult, resolve_num_classes, stage_run
+from sslpipe.stages.build import resolve_num_classes
+from sslpipe.stages.context import Context, StageResult, stage_run
 
 PROBES = ("knn", "linear_probe", "mlp_probe", "finetune")   # classification: test/top1 heads their row
 DENSE = ("segment",)                                          # segmentation: test/iou heads its row

@@ -23,7 +23,8 @@ from sslpipe.monitor import Monitor, subset
 from sslpipe.optim import build_optimizer, optimizer_config, weight_decay_groups
 from sslpipe.progress import Progress
 from sslpipe.results import print_table
-from sslpipe.stages import Context, StageResult, build_backbone, build_method, build_splits, normalizer, stage_run
+from sslpipe.stages.build import build_backbone, build_method, build_splits, normalizer
+from sslpipe.stages.context import Context, StageResult, stage_run
 
 log = logging.getLogger(__name__)
 

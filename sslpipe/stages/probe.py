@@ -23,8 +23,9 @@ from torch import nn
 from sslpipe.pretrained import load_pretrained
 from sslpipe.engine import LrScale
 from sslpipe.results import print_table
-from sslpipe.stages import (Context, StageResult, build_backbone, build_splits, extract_features, log_classification,
-                            normalizer, protocol_params, stage_run)
+from sslpipe.stages.build import build_backbone, build_splits, normalizer
+from sslpipe.stages.context import Context, StageResult, log_classification, protocol_params, stage_run
+from sslpipe.stages.features import extract_features
 
 
 @dataclass

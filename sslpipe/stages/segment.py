@@ -16,11 +16,13 @@ from sslpipe.batchnorm import convert_split_bn
 from sslpipe.pretrained import load_pretrained
 from sslpipe import distributed
 from sslpipe.config import build
-from sslpipe.data import EpochLoader, Split
+from sslpipe.data.epochs import EpochLoader
+from sslpipe.data.split import Split
 from sslpipe.distributed import rank, world_size
 from sslpipe.engine import Loop, LoopSettings, LrScale
 from sslpipe.results import print_table
-from sslpipe.stages import Context, StageResult, build_backbone, build_splits, normalizer, protocol_params, stage_run
+from sslpipe.stages.build import build_backbone, build_splits, normalizer
+from sslpipe.stages.context import Context, StageResult, protocol_params, stage_run
 
 LOSSES = ("bce", "dice")
 

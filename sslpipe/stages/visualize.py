@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from sslpipe.pretrained import load_pretrained
 from sslpipe.results import print_table
-from sslpipe.stages import Context, StageResult, build_backbone, build_splits, extract_features, normalizer, stage_run
+from sslpipe.stages.build import build_backbone, build_splits, normalizer
+from sslpipe.stages.context import Context, StageResult, stage_run
+from sslpipe.stages.features import extract_features
 
 log = logging.getLogger(__name__)
 
