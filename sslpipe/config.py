@@ -38,7 +38,7 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             flat.update(flatten(value, prefix=f"{name}."))
         else:
-            from sslpipe.validate import redact
+            from sslpipe.tracking import redact
 
             flat[name] = redact(str(value))  # no credentials from URIs in params
     return flat

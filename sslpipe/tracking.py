@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import tempfile
 import time
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 
 # An MLflow param value holds at most 6000 characters; log_batch takes at most 100 params.
 _PARAM_MAX, _BATCH_PARAMS = 6000, 100
+
+
+# no credentials in what MLflow stores: params, config.yaml, tags
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<secret>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """`postgresql://user:pw@host/db` -> `postgresql://user:***@host/db`; also `?token=` style secrets."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return re.sub(r"(?i)((?:token|password|secret|api_key|apikey)=)[^&\s]+", r"\1***", text)
 
 
 def git_commit() -> str | None:

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST_PRETRAIN
 from sslpipe.pretrained import pretrained_parts
-from sslpipe.validate import redact
+from sslpipe.tracking import redact
 
 
 class _Payload:

@@ -106,3 +106,36 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
                                                align_corners=False, antialias=True)
         out[start:start + chunk] = part.round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def check_splits(splits, name: str, channels: int, num_classes: int, image_size: int, labelled: bool) -> None:
+    """Data faults caught before training: wrong channel count or image size, labels out of
+    range, empty splits or classes. The message names the split and the first bad index."""
+    from sslpipe.validate import ConfigError
+
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    for split_name, split in parts.items():
+        if split is None:
+            continue
+        where = f"dataset={name} {split_name} split"
+        if len(split) == 0:
+            raise ConfigError(f"{where} is empty")
+        if not hasattr(split, "images"):  # streamed: read at dataset.image_size / channels by construction
+            c, h, w = split.channels, image_size, image_size
+        else:
+            c, h, w = split.images.shape[1:]
+        if c != channels:
+            raise ConfigError(f"{where} has {c}-channel images but dataset.channels={channels}")
+        if (h, w) != (image_size, image_size):
+            raise ConfigError(f"{where} has {h}x{w} images but dataset.image_size={image_size}")
+        labels = split.labels
+        bad = torch.nonzero((labels >= num_classes) | (labels < (-1 if split_name == "train" and not labelled else 0)))
+        if len(bad):
+            i = int(bad[0])
+            raise ConfigError(f"{where}: label {int(labels[i])} at index {i} is outside 0..{num_classes - 1} "
+                              f"(dataset.num_classes={num_classes})")
+    if labelled:
+        counts = torch.bincount(splits.train.labels.clamp_min(0), minlength=num_classes)
+        empty = [i for i, n in enumerate(counts.tolist()) if n == 0]
+        if empty:
+            raise ConfigError(f"dataset={name} train split has no images of class(es) {empty}; a probe needs every class")

@@ -46,7 +46,7 @@ def build_splits(ctx: Context, labelled: bool) -> Splits:
     """The dataset's splits. `dataset.data_ratio` keeps that share of the training data at all;
     then with `labelled` the train split keeps `dataset.fraction` per class, and without it the
     train split becomes the pretraining pool, train + unlabeled."""
-    from sslpipe.validate import check_splits
+    from sslpipe.data.split import check_splits
 
     ds = ctx.cfg.dataset
     splits = resolve_num_classes(ctx)

@@ -14,8 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sslpipe.config import flatten
 from sslpipe.distributed import world_size
 from sslpipe.preempt import StopSignal
-from sslpipe.tracking import Run, Tracker
-from sslpipe.validate import redact
+from sslpipe.tracking import Run, Tracker, redact
 
 
 @dataclass
