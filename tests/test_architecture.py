@@ -108,3 +108,26 @@ def test_one_spelling_per_setting_and_the_loop_node_is_loop_settings():
             LoopSettings.of_stage(alone.stage[name])  # every key is a field it takes
     assert pipeline.stage.pretrain.loop.epochs == 7 and pipeline.stage.knn.k == 3
     assert {n for n in steps if "loop" in pipeline.stage[n]} == {"pretrain", "finetune", "segment"}
+
+
+def test_no_step_setting_that_nothing_reads():
+    """Every key of conf/step/*.yaml is read by name somewhere in sslpipe/ (as `.key`, `"key"` or
+    `key=`), or belongs to a node passed on whole (an optimizer node, export's `recommended`):
+    a key added without code that reads it fails here."""
+    import yaml
+
+    source = "\n".join(p.read_text() for p in (REPO / "sslpipe").rglob("*.py"))
+    whole = {"recommended"}  # export writes this node into manifest.json as it is
+    unread = []
+    for path in sorted((REPO / "conf" / "step").glob("*.yaml")):
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                if key.startswith("_"):
+                    continue
+                read = re.search(rf"\.{key}\b|[\"']{key}[\"']|\b{key}=", source)
+                if isinstance(value, dict) and "_target_" not in value and read and key not in whole:
+                    walk(value, f"{prefix}{key}.")  # a node read by name: are its keys read too?
+                elif not read:
+                    unread.append(f"{path.stem}: {prefix}{key}")
+        walk(yaml.safe_load(path.read_text()), "")
+    assert not unread, unread
