@@ -27,9 +27,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = "/usr/share/datasets/fashion-mnist"
-# label-free methods on a CNN (supcon / simo2 use labels; ibot / mae need a ViT, slower than this
-# budget allows on 2 cores at 28 px: add them with --methods)
-METHODS = ["simclr", "byol", "mocov1", "mocov2", "mocov3", "simsiam", "barlowtwins", "vicreg", "dino", "autoencoder"]
+# label-free methods on a CNN (supcon / simo2 use labels); ibot / mae need a ViT: add them with --methods
+METHODS = ["simclr", "byol", "mocov1", "mocov2", "mocov3", "simsiam", "barlowtwins", "vicreg", "swav", "dino",
+           "autoencoder"]
+VIT_METHODS = {"ibot", "mae"}
+# ViT-Tiny's width and heads, 4 blocks of 12, 7 px patches (16 tokens at 28 px): about the smallcnn's
+# compute per image; the 12-block, 4 px-patch vit_tiny (49 tokens) is about 20 times that, over an
+# hour per method on 2 CPU cores. A stated variant, not the papers' ViT-S/16.
+VIT = "backbone=vit_tiny backbone.patch_size=7 +backbone.depth=4"
 PUBLISHED = {"pixel logistic regression": 0.842, "SVC (RBF, C=10) on pixels": 0.897, "two-conv CNN": "0.916-0.934"}
 
 
@@ -59,7 +64,10 @@ def results(store: str, experiment: str) -> dict[str, float]:
     client = MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     out = {}
-    for run in client.search_runs([exp.experiment_id]) if exp else []:
+    # finished runs only (a stopped one has no checkpoint), oldest first so the newest wins
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"]) if exp else []
+    for run in runs:
         stage = run.data.tags.get("sslpipe.stage")
         if stage == "pretrain":
             out["pretrain_s"] = (run.info.end_time - run.info.start_time) / 1000
@@ -96,6 +104,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--root", default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vit", default=VIT, help=f"backbone overrides for {sorted(VIT_METHODS)}")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sslpipe-fmnist-"))
@@ -106,23 +115,30 @@ def main() -> None:
     print(f"pixels: kNN {pixels['knn']:.4f}, logistic regression {pixels['linear_probe']:.4f}", file=sys.stderr)
     rows = [("raw pixels (logistic regression / kNN)", pixels["knn"], pixels["linear_probe"], None, None, None)]
     augmented = ["stage=linear_probe", "stage.linear_probe.protocol=augmented", f"stage.linear_probe.augmented.epochs={args.augmented_epochs}"]
-    for name in ["random", *args.methods]:
+    # the ViT methods get their own random-init row: the encoder they are compared with
+    randoms = ["random", *(["random_vit"] if VIT_METHODS & set(args.methods) else [])]
+    for name in [*randoms, *args.methods]:
         experiment = f"tracking.experiment=fmnist-{name}"
         done = results(store, f"fmnist-{name}")
+        backbone = args.vit.split() if name in VIT_METHODS | {"random_vit"} else []
         if {"knn", "linear_probe", "linear_probe_augmented", "finetune"} <= done.keys():
             print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
-        elif name == "random":
+        elif name in randoms:
             for stage in ("knn", "linear_probe", "finetune"):  # a pipeline would pretrain first
                 epochs = [f"stage.finetune.loop.epochs={args.finetune_epochs}"] if stage == "finetune" else []
-                cli([*common(args), f"stage={stage}", "pretrained=random", *epochs, experiment], work, store)
-            cli([*common(args), *augmented, "pretrained=random", experiment], work, store)
+                cli([*common(args), f"stage={stage}", *backbone, "pretrained=random", *epochs, experiment], work, store)
+            cli([*common(args), *augmented, *backbone, "pretrained=random", experiment], work, store)
         else:
-            cli([*common(args), *pipeline(args), f"method={name}", f"stage.pretrain.loop.epochs={args.epochs}", experiment],
-                work, store)
+            if not {"knn", "linear_probe", "finetune"} <= done.keys():
+                cli([*common(args), *pipeline(args), f"method={name}", *backbone,
+                     f"stage.pretrain.loop.epochs={args.epochs}", experiment], work, store)
             pretrained = f"pretrained=runs:/{results(store, f'fmnist-{name}')['pretrain_run']}"
-            cli([*common(args), *augmented, pretrained, experiment], work, store)
+            cli([*common(args), *augmented, *backbone, pretrained, experiment], work, store)
         r = results(store, f"fmnist-{name}")
-        rows.append(("random init (smallcnn)" if name == "random" else name, r["knn"], r["linear_probe"],
+        label = {"random": "random init (smallcnn)", "random_vit": "random init (ViT below)"}.get(name, name)
+        if name in VIT_METHODS:
+            label = f"{name} ({args.vit})"
+        rows.append((label, r["knn"], r["linear_probe"],
                      r["linear_probe_augmented"], r["finetune"], r.get("pretrain_s")))
         print(f"{name}: {r}", file=sys.stderr, flush=True)
 
@@ -138,7 +154,7 @@ def main() -> None:
         return "-" if v is None else fmt.format(v)
 
     for name, knn, lin, lin_aug, ft, secs in rows:
-        beats = ("-", "-") if name.startswith("raw") else (
+        beats = ("-", "-") if name.startswith(("raw", "random")) else (
             "yes" if knn > pixels["knn"] else "NO", "yes" if lin > pixels["linear_probe"] else "NO")
         print(f"| {name} | {knn:.4f} | {lin:.4f} | {cell(lin_aug)} | {cell(ft)} | {cell(secs and secs / 60, '{:.1f}')} "
               f"| {beats[0]} | {beats[1]} |")
