@@ -454,6 +454,26 @@ def test_vit_method_on_a_cnn_fails_naming_what_fits():
         check_pairing("ibot", IBOT, SmallCNN(1), "smallcnn")
 
 
+@pytest.mark.parametrize("experiment,method,extra", [
+    ("fashion_mnist", "byol", []),
+    ("fashion_mnist_vit", "mae", ["backbone=vit_tiny", "backbone.patch_size=7", "+backbone.depth=4"]),
+])
+def test_fashion_mnist_experiment_is_the_tables_command(experiment, method, extra):
+    """The README's Fashion-MNIST rows are `+experiment=fashion_mnist[_vit] method=<name>`: the same
+    composed run as the explicit overrides the table was measured with."""
+    from omegaconf import OmegaConf
+
+    from sslpipe.config import compose as compose_run
+
+    explicit = ["stage=pipeline", "dataset=fashion_mnist", "dataset.root=/usr/share/datasets/fashion-mnist",
+                f"method={method}", "stage.pretrain.loop.epochs=3", "stage.stages=[knn,linear_probe,finetune]",
+                "stage.finetune.loop.epochs=2", "stage.baseline=[]", *extra]
+    want = OmegaConf.to_container(compose_run(explicit), resolve=True)
+    got = OmegaConf.to_container(compose_run([f"+experiment={experiment}", f"method={method}"]), resolve=True)
+    assert got == want
+    assert got["stage"]["pretrain"]["loop"]["epochs"] == 3 and got["backbone"]["name"] == want["backbone"]["name"]
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes(name):
     from omegaconf import OmegaConf
