@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--root", default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--cnn", nargs="*", default=[], metavar="OVERRIDE",
+                        help="overrides for the smallcnn rows (random init and the CNN methods), e.g. "
+                             "backbone.num_features=512")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sslpipe-fmnist-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def main() -> None:
     for name in [*randoms, *args.methods]:
         experiment = f"tracking.experiment=fmnist-{name}"
         done = results(store, f"fmnist-{name}")
-        backbone = VIT.split() if name in VIT_METHODS | {"random_vit"} else []
+        backbone = VIT.split() if name in VIT_METHODS | {"random_vit"} else args.cnn
         if {"knn", "linear_probe", "linear_probe_augmented", "finetune"} <= done.keys():
             print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
         elif name in randoms:
@@ -131,11 +134,12 @@ def main() -> None:
             cli([*common(args), *augmented, *backbone, "pretrained=random", experiment], work, store)
         else:
             if not {"knn", "linear_probe", "finetune"} <= done.keys():
-                cli([*pipeline(args, name), experiment], work, store)
+                cli([*pipeline(args, name), *backbone, experiment], work, store)
             pretrained = f"pretrained=runs:/{results(store, f'fmnist-{name}')['pretrain_run']}"
             cli([*common(args), *augmented, *backbone, pretrained, experiment], work, store)
         r = results(store, f"fmnist-{name}")
-        label = {"random": "random init (smallcnn)", "random_vit": "random init (ViT below)"}.get(name, name)
+        label = {"random": f"random init (smallcnn {' '.join(args.cnn)})".replace(" )", ")"),
+                 "random_vit": "random init (ViT below)"}.get(name, name)
         if name in VIT_METHODS:
             label = f"{name} ({VIT})"
         rows.append((label, r["knn"], r["linear_probe"],
