@@ -138,7 +138,7 @@ def main() -> None:
             pretrained = f"pretrained=runs:/{results(store, f'fmnist-{name}')['pretrain_run']}"
             cli([*common(args), *augmented, *backbone, pretrained, experiment], work, store)
         r = results(store, f"fmnist-{name}")
-        label = {"random": f"random init (smallcnn {' '.join(args.cnn)})".replace(" )", ")"),
+        label = {"random": f"random init ({' '.join(['smallcnn', *args.cnn])})",
                  "random_vit": "random init (ViT below)"}.get(name, name)
         if name in VIT_METHODS:
             label = f"{name} ({VIT})"
