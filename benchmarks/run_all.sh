@@ -25,6 +25,7 @@ gpu_tables() {
   $run benchmarks/peer.py --method simclr --device cuda --steps 40 --skip 3
   $run benchmarks/peer.py --method dino --device cuda --steps 25 --skip 3
   $run benchmarks/flops.py --device cuda --compile
+  $run benchmarks/gpu.py --profile                 # end to end from JPEGs: bare / sslpipe stream + gpu / lightly
 }
 data_tables() {  # ImageNet-shaped folders of up to 1.28M hard-linked JPEGs under /tmp (about 15 minutes)
   python3 benchmarks/data_scale.py --workdir /tmp/sslpipe-scale --sizes 1000 10000 128000 1281000 --memory-baseline 10000 --listing

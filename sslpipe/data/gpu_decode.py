@@ -58,6 +58,15 @@ def decode_batch(datas: list[torch.Tensor], channels: int, device: torch.device)
     is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in datas]
     out: list[torch.Tensor | None] = [None] * len(datas)
     jpegs = [i for i, j in enumerate(is_jpeg) if j]
+    if jpegs and device.type == "cuda":
+        # decode_jpeg on CUDA allocates its outputs on the caller's stream, then lets nvJPEG write
+        # them from a private stream that does not wait for the caller's queued kernels
+        # (pytorch/vision PR 9606): a block the previous training step frees while its kernels
+        # are still queued can be overwritten before they read it. Measured here: ResNet-50
+        # SimCLR, batch 512 at 224 px on an H200, loss NaN within 10 steps with loader=gpu and
+        # finite with loader=stream (docs/benchmarks.md, 2026-12-04). Waiting for the stream first
+        # closes the race at the cost of overlapping this decode with the previous step.
+        torch.cuda.current_stream(device).synchronize()
     if jpegs:
         decoded = decode_jpeg([datas[i] for i in jpegs], mode=mode, device=device)
         for i, image in zip(jpegs, decoded):
@@ -69,15 +78,28 @@ def decode_batch(datas: list[torch.Tensor], channels: int, device: torch.device)
 
 
 def cut_views(images: list[torch.Tensor], boxes: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-    """View v of every image: uint8 (B, C, sizes[v], sizes[v]), cut from its box and resized."""
+    """View v of every image: uint8 (B, C, sizes[v], sizes[v]), cut from its box and resized.
+
+    The images differ in size, so roi_align runs once per image, but with all of that image's
+    views of one size in one call (DINO's 2 + 6 views: 2 calls per image, not 8), and the boxes
+    go to the device once per batch rather than once per crop."""
     from torchvision.ops import roi_align
 
-    views = []
+    boxes = boxes.to(images[0].device, non_blocking=True)
+    groups: dict[int, list[int]] = {}
     for v, size in enumerate(sizes):
-        crops = [roi_align(image.unsqueeze(0).float(), [boxes[i, v:v + 1].to(image.device)], (size, size),
-                           spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-                 for i, image in enumerate(images)]
-        views.append(torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8))
+        groups.setdefault(size, []).append(v)
+    crops: dict[int, list[torch.Tensor]] = {size: [] for size in groups}
+    for i, image in enumerate(images):
+        pixels = image.unsqueeze(0).float()
+        for size, vs in groups.items():
+            crops[size].append(roi_align(pixels, [boxes[i, vs]], (size, size), spatial_scale=1.0,
+                                         sampling_ratio=-1, aligned=True))
+    views: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
+    for size, vs in groups.items():
+        stacked = torch.stack(crops[size]).round_().clamp_(0, 255).to(torch.uint8)  # (B, views, C, s, s)
+        for k, v in enumerate(vs):
+            views[v] = stacked[:, k].contiguous()
     return tuple(views)
 
 
