@@ -4,7 +4,9 @@ GPU-decode path end to end): ResNet-50 SimCLR at 224 px (2 views) and ViT-S/16 D
 
 - bare: a hand-written PyTorch loop over sslpipe's own model, loss and optimizer (bf16 autocast,
   channels_last for the CNN, fused optimizer) on views already on the GPU: no data, no
-  augmentation, no logging. The model's own limit on this GPU.
+  augmentation, no logging. The model's own limit on this GPU. Beside it, `augmented` (the same
+  loop making new views every step from a uint8 batch on the GPU with sslpipe's batched view
+  ops) and `compiled` (backbone and projector through torch.compile, compile time reported).
 - sslpipe: the real command, `python -m sslpipe stage=pretrain ... dataset=imagefolder`
   (MLflow on, checkpoints at their default interval, progress on, the online monitor off), once
   with `dataset.loader=gpu` (nvJPEG decode in the training process, views cut with roi_align)
@@ -66,10 +68,12 @@ def common_overrides(name: str, size: int, batch: int, local: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ bare loop
-def bare(name: str, args, tmp: Path, compile: bool = False) -> dict:
+def bare(name: str, args, tmp: Path, compile: bool = False, augment: bool = False) -> dict:
     """sslpipe's model, loss and optimizer in a hand-written loop on fixed views on the device;
     with `compile`, backbone and projector through torch.compile (stage.pretrain.compile=true),
-    the first step's time reported as the compile time."""
+    the first step's time reported as the compile time; with `augment`, new views every step
+    from a uint8 batch resident on the GPU (sslpipe's batched view ops, crop included): the
+    bare loop plus the augmentation that sslpipe's step does, so the two gaps can be told apart."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,7 +90,7 @@ def bare(name: str, args, tmp: Path, compile: bool = False) -> dict:
 
     def step(progress: float) -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = method.training_step(views, labels, progress)
+            loss = method.training_step(tr.views(images) if augment else views, labels, progress)
         loss.backward()
         if hasattr(method, "before_optimizer_step"):
             method.before_optimizer_step(progress)
@@ -95,7 +99,7 @@ def bare(name: str, args, tmp: Path, compile: bool = False) -> dict:
         method.after_step(progress)
 
     t = time.perf_counter()
-    if compile:
+    if compile or augment:
         step(0.0)
         flops_per_image = None
     else:
@@ -125,7 +129,7 @@ def bare(name: str, args, tmp: Path, compile: bool = False) -> dict:
     elapsed = time.perf_counter() - t
     out = {"images_s": args.steps * args.batch[name] / elapsed, "flops_per_image": flops_per_image, "syncs": syncs,
            "first_step_s": first_step_s, "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
-    if dev.type == "cuda" and args.profile and not compile:
+    if dev.type == "cuda" and args.profile and not (compile or augment):
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -261,8 +265,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--rows", nargs="+", default=["bare", "gpu", "stream", "lightly", "compiled"],
-                   choices=["bare", "gpu", "stream", "lightly", "compiled"])
+    p.add_argument("--rows", nargs="+", default=["bare", "augmented", "gpu", "stream", "lightly", "compiled"],
+                   choices=["bare", "augmented", "gpu", "stream", "lightly", "compiled"])
     p.add_argument("--budget-s", type=float, default=None, help="rows not started after this many seconds are skipped")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--local", type=int, default=96)
@@ -303,8 +307,8 @@ def main() -> None:
                 if args.budget_s and time.perf_counter() - started > args.budget_s:
                     print(f"{row}: skipped (past --budget-s {args.budget_s:.0f})", flush=True)
                     continue
-                if row in ("bare", "compiled"):
-                    results[row] = bare(name, args, tmp, compile=row == "compiled")
+                if row in ("bare", "compiled", "augmented"):
+                    results[row] = bare(name, args, tmp, compile=row == "compiled", augment=row == "augmented")
                 elif row == "lightly":
                     results[row] = lightly_loop(name, args, tmp / "jpegs")
                 else:
@@ -324,6 +328,7 @@ def main() -> None:
         base = results.get("bare", {}).get("images_s")
         lightly = results.get("lightly", {}).get("images_s")
         labels = {"bare": "bare PyTorch loop, views resident on the GPU",
+                  "augmented": "bare loop + sslpipe's on-GPU views made every step",
                   "compiled": "bare loop, backbone + projector torch.compile'd",
                   "gpu": "sslpipe, dataset.loader=gpu (nvJPEG + roi_align)",
                   "stream": "sslpipe, dataset.loader=stream (DataLoader workers)",
