@@ -90,3 +90,48 @@ def test_deferred_nan_check_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["loop"]["step"] == 5
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+# ------------------------------------------------------------------ no host-device sync in the step (GPU only)
+_NTXENT_SYNC = ("lightly's NTXentLoss drops the diagonal with a boolean mask (logits[~diag_mask]), a "
+                "data-dependent shape: one sync a step (measured on an H200, docs/benchmarks.md)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="set_sync_debug_mode checks CUDA synchronisations")
+@pytest.mark.parametrize("name", ["dino", pytest.param("simclr", marks=pytest.mark.xfail(strict=True, reason=_NTXENT_SYNC))])
+def test_training_step_never_waits_for_the_gpu(name):
+    """Forward, backward, the method's hooks and the fused optimizer step, bf16 autocast, all
+    queued without the host waiting for the device: `set_sync_debug_mode("error")` raises on any
+    synchronising call (e.g. `.item()`, a boolean-mask index)."""
+    import functools
+
+    from sslpipe.backbones import SmallCNN
+    from sslpipe.methods.dino import DINO
+    from sslpipe.methods.simclr import SimCLR
+    from sslpipe.optim import build_optimizer
+
+    dev = torch.device("cuda")
+    method = (DINO(SmallCNN(in_chans=3), local_views=2, output_dim=1024) if name == "dino"
+              else SimCLR(SmallCNN(in_chans=3))).to(dev)
+    optimizer = build_optimizer(functools.partial(torch.optim.AdamW, lr=1e-3), method.parameters(), dev)
+    sizes = [32, 32, 16, 16] if name == "dino" else [32, 32]
+    views = [torch.randn(64, 3, s, s, device=dev) for s in sizes]
+    labels = torch.zeros(64, dtype=torch.long, device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = method.training_step(views, labels, 0.5)
+        loss.backward()
+        if hasattr(method, "before_optimizer_step"):
+            method.before_optimizer_step(0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(0.5)
+
+    step()  # first-call allocations and lazy initialisation outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
