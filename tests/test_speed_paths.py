@@ -36,6 +36,46 @@ def test_compiled_model_gives_the_default_loss():
     assert _simclr_loss(channels_last=False, compile=True) == pytest.approx(_simclr_loss(channels_last=False), rel=1e-4)
 
 
+def test_each_switch_is_applied_when_asked_and_left_alone_otherwise():
+    """channels_last converts a CNN's weights to NHWC only when asked; compile wraps backbone and
+    projector only when asked and keeps the state-dict keys (checkpoints unchanged); the fused
+    optimizer is asked for on CUDA only (CPU: the plain kernel)."""
+    import functools
+
+    from sslpipe.backbones import SmallCNN
+    from sslpipe.methods.simclr import SimCLR
+    from sslpipe.optim import build_optimizer
+
+    def conv_weights_nhwc(method):
+        convs = [m.weight for m in method.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+        return all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+    keys = set(SimCLR(SmallCNN(in_chans=3)).state_dict())
+    plain = prepare_model(SimCLR(SmallCNN(in_chans=3)), channels_last=False, compile=False)
+    assert not conv_weights_nhwc(plain) and plain.backbone._compiled_call_impl is None
+    fast = prepare_model(SimCLR(SmallCNN(in_chans=3)), channels_last=True, compile=True)
+    assert conv_weights_nhwc(fast)
+    assert fast.backbone._compiled_call_impl is not None and fast.projector._compiled_call_impl is not None
+    assert set(fast.state_dict()) == keys
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-3)
+    assert not build_optimizer(adamw, plain.parameters(), torch.device("cpu")).defaults["fused"]
+    assert build_optimizer(adamw, plain.parameters(), torch.device("cuda")).defaults["fused"]  # CPU fused kernel exists
+
+
+def test_bf16_autocast_is_asked_for_on_cuda_only(tmp_path):
+    from sslpipe.engine import Loop, LoopSettings
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.zeros(1, 2), torch.zeros(1))]
+
+    def amp(enabled: bool, device: str) -> bool:
+        return Loop(model, lambda *a: None, opt, batches, LoopSettings(epochs=1, amp=enabled), torch.device(device),
+                    tmp_path / "last.pt").amp
+
+    assert amp(True, "cuda") and not amp(True, "cpu") and not amp(False, "cuda")
+
+
 @pytest.mark.parametrize("op,reference,factor", [
     (0, TF.adjust_brightness, 1.3), (1, TF.adjust_contrast, 0.7), (2, TF.adjust_saturation, 1.4),
     (3, TF.adjust_hue, 0.08), (3, TF.adjust_hue, -0.1),
