@@ -227,20 +227,25 @@ def lightly_loop(name: str, args, root: Path) -> dict:
 
 
 # ------------------------------------------------------------------ sslpipe, the real command
-def sslpipe_overrides(name: str, args, root: Path, loader: str) -> list[str]:
+# sslpipe rows: their dataset overrides
+LOADER_ROWS = {"gpu": ["dataset.loader=gpu"], "gpu_serial": ["dataset.loader=gpu", "dataset.decode_ahead=0"],
+               "stream": ["dataset.loader=stream"]}
+
+
+def sslpipe_overrides(name: str, args, root: Path, row: str) -> list[str]:
     return [*WORKLOADS[name]["overrides"], *common_overrides(name, args.size, args.batch[name], args.local),
-            f"device={args.device}", "dataset=imagefolder", f"dataset.root={root}", f"dataset.loader={loader}",
+            f"device={args.device}", "dataset=imagefolder", f"dataset.root={root}", *LOADER_ROWS[row],
             f"stage.pretrain.loop.max_steps={args.skip + args.steps}", "stage.pretrain.loop.epochs=1000",
             f"stage.pretrain.loop.log_every={args.log_every}"]
 
 
-def sslpipe_run(name: str, args, root: Path, loader: str, tmp: Path) -> dict:
+def sslpipe_run(name: str, args, root: Path, row: str, tmp: Path) -> dict:
     from mlflow.tracking import MlflowClient
 
-    tag = f"{name}-{loader}"
+    tag = f"{name}-{row}"
     store = f"sqlite:///{tmp}/mlflow-{tag}.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "SSLPIPE_PROGRESS": "log", "HYDRA_FULL_ERROR": "1"}
-    overrides = sslpipe_overrides(name, args, root, loader)
+    overrides = sslpipe_overrides(name, args, root, row)
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "sslpipe", *overrides, f"tracking.artifact_root={tmp}/art-{tag}",
                           f"hydra.run.dir={tmp}/run-{tag}"], cwd=tmp, env=env, capture_output=True, text=True)
@@ -266,7 +271,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--rows", nargs="+", default=["bare", "augmented", "gpu", "stream", "lightly", "compiled"],
-                   choices=["bare", "augmented", "gpu", "stream", "lightly", "compiled"])
+                   choices=["bare", "augmented", "gpu", "gpu_serial", "stream", "lightly", "compiled"])
     p.add_argument("--budget-s", type=float, default=None, help="rows not started after this many seconds are skipped")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--local", type=int, default=96)
@@ -330,7 +335,8 @@ def main() -> None:
         labels = {"bare": "bare PyTorch loop, views resident on the GPU",
                   "augmented": "bare loop + sslpipe's on-GPU views made every step",
                   "compiled": "bare loop, backbone + projector torch.compile'd",
-                  "gpu": "sslpipe, dataset.loader=gpu (nvJPEG + roi_align)",
+                  "gpu": "sslpipe, dataset.loader=gpu (nvJPEG + roi_align, 2 batches decoded ahead)",
+                  "gpu_serial": "sslpipe, dataset.loader=gpu dataset.decode_ahead=0 (decode in series)",
                   "stream": "sslpipe, dataset.loader=stream (DataLoader workers)",
                   "lightly": f"lightly example loop ({args.workers} DataLoader workers, fp32)"}
         rows = []
@@ -350,7 +356,7 @@ def main() -> None:
         if "compiled" in results:
             print(f"\ntorch.compile: first step {results['compiled']['first_step_s']:.1f} s (eager first step "
                   f"{results.get('bare', {}).get('first_step_s', float('nan')):.1f} s)")
-        for row in ("gpu", "stream"):
+        for row in LOADER_ROWS:
             if row in results:
                 print(f"\n{row} command: `{results[row]['command']}` (run wall time {results[row]['wall_s']:.0f} s)")
         if "profile" in results.get("bare", {}):

@@ -241,6 +241,40 @@ def test_device_decode_path_cuts_the_same_views_as_the_worker_path(tmp_path):
                 assert (a.float() - b.float()).abs().mean() < 6.0  # of 255: same region, another filter
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: nvJPEG decode on side streams"))])
+def test_decoding_ahead_in_threads_yields_the_batches_of_decoding_in_series(tmp_path, device):
+    """dataset.decode_ahead=2 decodes the next batches in background threads (on side CUDA
+    streams on a GPU) while the step runs: same views, same labels, same order as decoding in
+    series, over two epochs and when the consumer stops mid-epoch (as a run does at max_steps)."""
+    import dataclasses
+
+    write_jpegs(tmp_path, {"a": 9, "b": 9}, size=(50, 70))
+    splits = load(tmp_path, test_ratio=0.2, val_ratio=0)
+    crops = [CropSpec(2, 20, (0.3, 1.0)), CropSpec(3, 10, (0.1, 0.4))]
+    runs = {}
+    for ahead in (0, 2):
+        settings = dataclasses.replace(splits.train.settings, decode_device=device, decode_ahead=ahead)
+        loader = StreamLoader(splits.train, settings, 3, crops=crops, seed=7, drop_last=False)
+        batches = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            for views, labels in loader:  # each batch used on the training stream, as a step does
+                batches.append(([v.float().mul(2).cpu() for v in views], labels))
+        loader.set_epoch(2)
+        for i, (views, labels) in enumerate(loader):  # stopped early: the queued batches are dropped cleanly
+            batches.append(([v.float().mul(2).cpu() for v in views], labels))
+            if i == 1:
+                break
+        runs[ahead] = batches
+    assert len(runs[0]) == len(runs[2]) == 2 * len(loader) + 2
+    for (va, la), (vb, lb) in zip(runs[0], runs[2]):
+        assert torch.equal(la, lb) and len(va) == len(vb) == 5
+        assert all(torch.equal(a, b) for a, b in zip(va, vb))
+    with pytest.raises(ValueError, match="decode_ahead=-1.*>= 0"):
+        load(tmp_path, loader="gpu", test_ratio=0.2, val_ratio=0, decode_ahead=-1)
+
+
 def test_gpu_loader_without_cuda_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -82,6 +82,7 @@ class ReadSettings:
     skip_bad: bool = False        # unreadable image: error naming it (default), or warn and read the next one
     prefetch: int = 4             # batches each worker keeps ready
     decode_device: str | None = None  # "cuda": JPEGs decoded on the GPU (sslpipe.data.gpu_decode); None: in workers
+    decode_ahead: int = 2         # with decode_device: batches decoded ahead in background threads; 0: in series
 
 
 @dataclass

@@ -110,12 +110,15 @@ def load_imagefolder(root: str, image_size: int, num_classes: int | None = None,
                      train_dir: str | None = "auto", val_dir: str = "val", test_dir: str = "test",
                      val_ratio: float = 0.1, test_ratio: float = 0.2, split_seed: int = 0, loader: str = "auto",
                      memory_budget_gb: float = 1.0, eval_crop_ratio: float = 0.875, workers: int | str = "auto",
-                     skip_bad_images: bool = False, index_dir: str | None = None) -> Splits:
+                     skip_bad_images: bool = False, index_dir: str | None = None, decode_ahead: int = 2) -> Splits:
     """The splits of the tree under `root` (see the module docstring for layouts and loaders).
     Held-out splits are stratified; `val_ratio` / `test_ratio` are shares of all the train
     folder's images. Class indices follow the sorted class folder names."""
     if loader not in LOADERS:  # before any listing
         raise ValueError(f"dataset.loader='{loader}' is not one of: {', '.join(LOADERS)}")
+    if decode_ahead < 0:
+        raise ValueError(f"dataset.decode_ahead={decode_ahead}: the batches decoded ahead on the GPU must be "
+                         f">= 0 (0: in series)")
     train_path, val_path, test_path = find_layout(root, train_dir, val_dir, test_dir)
     classes = _classes(train_path)
     if train_path == Path(root):
@@ -164,7 +167,7 @@ def load_imagefolder(root: str, image_size: int, num_classes: int | None = None,
     parts = {"train": train, "val": val, "test": test}
     kind = choose_loader(loader, [s for s in parts.values() if s is not None], settings, memory_budget_gb)
     if kind == "gpu":  # streamed, with JPEG decode and crops on the GPU (sslpipe.data.gpu_decode)
-        settings = dataclasses.replace(settings, decode_device="cuda")
+        settings = dataclasses.replace(settings, decode_device="cuda", decode_ahead=decode_ahead)
     if kind == "memory":
         parts = {name: None if s is None else decode_all(s, settings) for name, s in parts.items()}
     else:

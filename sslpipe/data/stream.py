@@ -321,11 +321,12 @@ class StreamLoader(LoaderOptions):
 
     def __iter__(self):
         if self.decode_device is not None:
-            from sslpipe.data.gpu_decode import cut_views, decode_batch, view_sizes
+            from sslpipe.data.gpu_decode import DecodedBatches, view_sizes
 
             sizes = view_sizes(self.crops, self.settings.image_size)
-            for (datas, boxes), labels in self.loader():
-                views = cut_views(decode_batch(datas, self.split.channels, self.decode_device), boxes, sizes)
+            batches = DecodedBatches(self.loader(), view_sizes=sizes, channels=self.split.channels,
+                                     device=self.decode_device, ahead=self.settings.decode_ahead)
+            for views, labels in batches:
                 yield (views if self.crops is not None else views[0]), labels
             return
         for views, labels in self.loader():
