@@ -26,11 +26,13 @@ gpu_tables() {
   $run benchmarks/peer.py --method dino --device cuda --steps 25 --skip 3
   $run benchmarks/flops.py --device cuda --compile
   $run benchmarks/gpu.py --profile                 # end to end from JPEGs: bare / sslpipe stream + gpu / lightly
+  $run benchmarks/gpu.py --workloads simclr_r50 --rows gpu stream gpu_serial --images 40000  # decode ahead vs in series
 }
 data_tables() {  # ImageNet-shaped folders of up to 1.28M hard-linked JPEGs under /tmp (about 15 minutes)
   python3 benchmarks/data_scale.py --workdir /tmp/sslpipe-scale --sizes 1000 10000 128000 1281000 --memory-baseline 10000 --listing
   python3 benchmarks/loader.py --workdir /tmp/sslpipe-scale --workers 2 --rounds 3
   python3 benchmarks/stream_vs_memory.py --workdir /tmp/sslpipe-svm --seeds 0 1 2
+  python3 benchmarks/epoch_boundary.py --workdir /tmp/sslpipe-boundary
 }
 if [ "$what" = data ]; then data_tables >"$out/data.md" 2>"$out/data.err"; exit; fi
 [ "$what" != gpu ] && { cpu_tables >"$out/cpu.md" 2>"$out/cpu.err" & }

@@ -97,6 +97,47 @@ def test_resumed_epoch_yields_exactly_the_remaining_batches(tmp_path):
     assert not torch.equal(next(iter(other))[0][0], full[0][0][0])  # a new epoch draws new crops
 
 
+def test_training_reads_on_across_the_epoch_boundary_with_the_same_batches(tmp_path):
+    """One DataLoader iterator serves consecutive epochs (the workers prepare the next epoch's
+    first batches while this one's last steps train), and yields what a fresh loader per epoch
+    yields; a set_epoch anywhere else (resume, rewind, an early stop) starts again there."""
+    write_jpegs(tmp_path, {"a": 10, "b": 10})
+    splits = load(tmp_path, workers=2, test_ratio=0.2, val_ratio=0)
+    crops = [CropSpec(2, 16, (0.2, 1.0))]
+
+    def make(across: bool) -> StreamLoader:
+        return StreamLoader(splits.train, splits.train.settings, batch_size=3, crops=crops, seed=5, across_epochs=across)
+
+    def read(loader, epoch: int, start: int = 0, stop: int | None = None) -> list:
+        loader.set_epoch(epoch, start)
+        out = []
+        for batch in loader:
+            out.append(batch)
+            if len(out) == stop:
+                break
+        return out
+
+    fresh = [read(make(False), e) for e in range(3)]
+    loader = make(True)
+    assert len(fresh[0]) == 16 // 3
+    live = []
+    for e in range(3):
+        got = read(loader, e)
+        assert len(got) == len(fresh[e])
+        for (va, la), (vb, lb) in zip(got, fresh[e]):
+            assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(va, vb))
+        live.append(loader._live)
+    assert live[0] is live[1] is live[2]  # one iterator across the three epochs
+    assert len(read(loader, 3, stop=2)) == 2  # stopped early, then resumed elsewhere
+    resumed = read(loader, 1, start=2)
+    assert loader._live is not live[0]
+    for (va, la), (vb, lb) in zip(resumed, fresh[1][2:]):
+        assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(va, vb))
+    for (va, _), (vb, _) in zip(read(loader, 2), fresh[2]):  # continues from the resumed position
+        assert all(torch.equal(a, b) for a, b in zip(va, vb))
+    loader.close()
+
+
 # ------------------------------------------------------------------ file index
 def test_file_index_is_written_once_and_reused_until_the_tree_changes(tmp_path, monkeypatch):
     write_jpegs(tmp_path / "train", {"a": 3, "b": 2})

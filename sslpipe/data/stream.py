@@ -224,11 +224,14 @@ class FileDataset(torch.utils.data.Dataset):
 
 
 class OrderSampler(torch.utils.data.Sampler):
-    """Batches of (index, epoch) keys in `epoch_order`, from batch `start` of the epoch."""
+    """Batches of (index, epoch) keys in `epoch_order`, from batch `start` of the epoch; with
+    `endless`, on through the epochs after it (the keys carry their epoch, so the crops do not
+    depend on where an iterator began)."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int, rank: int, world_size: int):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int, rank: int, world_size: int,
+                 endless: bool = False):
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.endless = seed, rank, world_size, endless
         self.epoch, self.start = 0, 0
 
     def batches_per_epoch(self) -> int:
@@ -239,10 +242,15 @@ class OrderSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start
 
     def __iter__(self):
-        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
-                            self.batch_size).tolist()
-        for b in range(self.start, self.batches_per_epoch()):
-            yield [(i, self.epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+        epoch, start = self.epoch, self.start
+        while True:
+            order = epoch_order(self.n, self.shuffle, self.seed, epoch, self.rank, self.world_size,
+                                self.batch_size).tolist()
+            for b in range(start, self.batches_per_epoch()):
+                yield [(i, epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            if not self.endless:
+                return
+            epoch, start = epoch + 1, 0
 
 
 @dataclass
@@ -267,8 +275,18 @@ class StreamLoader(LoaderOptions):
     """The `EpochLoader` interface (`batch_size`, `len`, `set_epoch(epoch, start)`, iteration)
     over a `FileSplit` through a DataLoader: persistent workers, pinned memory on CUDA, each
     worker `prefetch` batches ahead. Yields (views, labels): views a tuple of uint8 (B, C, s, s)
-    tensors for training crops, one uint8 (B, C, s, s) tensor for the eval view."""
+    tensors for training crops, one uint8 (B, C, s, s) tensor for the eval view.
 
+    Training loaders read `across_epochs`: one DataLoader iterator runs on through the epoch
+    boundary, so the workers (and, with GPU decode, the decode threads) are already preparing
+    the next epoch's first batches while this epoch's last steps train. Restarting the iterator
+    per epoch, as a DataLoader loop does, left the first steps of each epoch waiting for the
+    workers to refill: measured on an H200 (ResNet-50 SimCLR, batch 512, 27 steps per epoch),
+    a 10-step window holding an epoch boundary waited 21-26 % of its time, against 0-1 % for
+    windows without one (docs/benchmarks.md). An iterator is kept only while the trainer asks
+    for the batch it is at; any other `set_epoch` (resume, a rewind) starts a new one there."""
+
+    across_epochs: bool = True
     workers: int = field(init=False)
 
     def __post_init__(self):
@@ -286,13 +304,15 @@ class StreamLoader(LoaderOptions):
         else:
             transform = TrainCrops(self.crops, mode)
         self.dataset = FileDataset(self.split, transform, self.seed, self.settings.skip_bad)
+        self.across_epochs = self.across_epochs and self.crops is not None  # an eval pass reads its split once
         self.sampler = OrderSampler(len(self.split), self.batch_size, self.shuffle, self.drop_last, self.seed,
-                                    self.rank, self.world_size)
+                                    self.rank, self.world_size, endless=self.across_epochs)
         if self.drop_last and len(self) == 0:
             raise ValueError(f"batch_size={self.batch_size} is larger than the {len(self.split) // self.world_size} "
                              f"training images per rank; lower the batch size")
         self.workers = worker_count(self.settings.workers)
         self._loader = None
+        self._live, self._at = None, None  # the running batch iterator and the (epoch, batch) it yields next
         if self.crops is not None:
             log.info("stream loader, rank %d of %d: %d of %d images per epoch (%d batches of %d), %d workers, "
                      "decode on %s", self.rank, self.world_size, len(self) * self.batch_size if self.drop_last
@@ -320,14 +340,39 @@ class StreamLoader(LoaderOptions):
         return self.sampler.batches_per_epoch()
 
     def __iter__(self):
+        here = (self.sampler.epoch, self.sampler.start)
+        if self._live is None or self._at != here or not self.across_epochs:
+            self.close()
+            self._live, self._at = self._batches(), here
+        per_epoch = self.sampler.batches_per_epoch()
+        for _ in range(per_epoch - self.sampler.start):
+            batch = next(self._live)
+            epoch, b = self._at
+            self._at = (epoch + 1, 0) if b + 1 == per_epoch else (epoch, b + 1)
+            yield batch
+
+    def _batches(self):
+        """(views, labels) from the sampler's (epoch, start) on: one epoch, or on through the
+        following ones when the sampler is endless."""
+        batches = iter(self.loader())
         if self.decode_device is not None:
             from sslpipe.data.gpu_decode import DecodedBatches, view_sizes
 
-            sizes = view_sizes(self.crops, self.settings.image_size)
-            batches = DecodedBatches(self.loader(), view_sizes=sizes, channels=self.split.channels,
-                                     device=self.decode_device, ahead=self.settings.decode_ahead)
+            batches = iter(DecodedBatches(batches, view_sizes=view_sizes(self.crops, self.settings.image_size),
+                                          channels=self.split.channels, device=self.decode_device,
+                                          ahead=self.settings.decode_ahead))
+        try:
             for views, labels in batches:
-                yield (views if self.crops is not None else views[0]), labels
-            return
-        for views, labels in self.loader():
-            yield (tuple(views) if isinstance(views, (list, tuple)) else views), labels
+                if self.decode_device is not None:
+                    yield (views if self.crops is not None else views[0]), labels
+                else:
+                    yield (tuple(views) if isinstance(views, (list, tuple)) else views), labels
+        finally:
+            if hasattr(batches, "close"):  # GPU decode: stop its threads
+                batches.close()
+
+    def close(self) -> None:
+        """Stop the running batch iterator (its decode threads; the workers persist)."""
+        if self._live is not None:
+            self._live.close()
+        self._live, self._at = None, None
