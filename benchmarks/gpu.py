@@ -263,7 +263,10 @@ def sslpipe_run(name: str, args, root: Path, row: str, tmp: Path) -> dict:
     seconds = [args.log_every * args.batch[name] / r for r in rates]  # each window's time
     return {"images_s": len(rates) * args.log_every * args.batch[name] / sum(seconds),
             "data_wait": sum(w * s for w, s in zip(waits, seconds)) / sum(seconds), "wall_s": wall,
-            "command": "python -m sslpipe " + " ".join(overrides), "loader_tag": run.data.tags.get("sslpipe.loader")}
+            "command": "python -m sslpipe " + " ".join(overrides), "loader_tag": run.data.tags.get("sslpipe.loader"),
+            # each logged window (last step, images/s, data wait): where an epoch boundary's wait falls
+            "windows": [(r.step, round(r.value), round(w.value, 3)) for r, w in
+                        zip(history["train/images_per_s"], history["train/data_wait"])]}
 
 
 def main() -> None:

@@ -344,6 +344,8 @@ class StreamLoader(LoaderOptions):
         if self._live is None or self._at != here or not self.across_epochs:
             self.close()
             self._live, self._at = self._batches(), here
+            if self.crops is not None:
+                log.info("stream loader: reading from epoch %d, batch %d", *here)
         per_epoch = self.sampler.batches_per_epoch()
         for _ in range(per_epoch - self.sampler.start):
             batch = next(self._live)
