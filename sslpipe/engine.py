@@ -149,7 +149,12 @@ def prepare_model(method: nn.Module, channels_last: bool, compile: bool) -> nn.M
         method.to(memory_format=torch.channels_last)
     if compile:
         for name in ("backbone", "projector"):
-            getattr(method, name).compile()  # nn.Module.compile: keys stay unprefixed
+            # nn.Module.compile: keys stay unprefixed. Static shapes, one graph per view size (DINO:
+            # 2): with automatic dynamic shapes the second size recompiles symbolically, and a ViT's
+            # position-embedding resize (bicubic, antialiased) then fails in its backward's meta
+            # kernel (pytorch/pytorch#197622; measured: ViT-S/16 DINO on an H200, torch 2.11,
+            # docs/benchmarks.md; reproduced on CPU with torch 2.14.1).
+            getattr(method, name).compile(dynamic=False)
     return method
 
 

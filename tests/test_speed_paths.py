@@ -32,6 +32,34 @@ def test_channels_last_gives_the_default_loss():
 
 
 @pytest.mark.slow
+def test_compiled_vit_trains_on_every_multi_crop_size():
+    """stage.pretrain.compile=true on a multi-crop ViT: timm resizes the position embedding per
+    view size (bicubic, antialiased), whose backward fails to compile under automatic dynamic
+    shapes (pytorch/pytorch#197622). prepare_model compiles one static graph per size instead."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class PosEmbedResize(nn.Module):  # the op timm's resample_abs_pos_embed runs for a new view size
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 4, 6, 6))
+
+        def forward(self, x):
+            pos = F.interpolate(self.pos, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+            return (x + pos).mean((2, 3))
+
+    class Method(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.projector = PosEmbedResize(), nn.Linear(4, 2)
+
+    method = prepare_model(Method(), channels_last=False, compile=True)
+    for size in (12, 5, 9):  # global, local, and a third size
+        method.backbone.pos.grad = None
+        method.projector(method.backbone(torch.randn(2, 4, size, size))).sum().backward()
+        assert method.backbone.pos.grad is not None and torch.isfinite(method.backbone.pos.grad).all()
+
+
 def test_compiled_model_gives_the_default_loss():
     assert _simclr_loss(channels_last=False, compile=True) == pytest.approx(_simclr_loss(channels_last=False), rel=1e-4)
 
