@@ -128,6 +128,10 @@ class DecodedBatches:
     def __init__(self, batches: Iterable, view_sizes: list[int], channels: int, device: torch.device, ahead: int = 2):
         if ahead < 0:
             raise ValueError(f"decode_ahead must be >= 0 (0: decode in series), got {ahead}")
+        if device.type == "cuda" and device.index is None:
+            # the decode threads start on GPU 0, whatever the rank's device: fix the index here, in
+            # the training thread, where distributed.setup has set it (torch.cuda.set_device)
+            device = torch.device("cuda", torch.cuda.current_device())
         self.batches, self.sizes, self.channels, self.device, self.ahead = batches, view_sizes, channels, device, ahead
         self._local = threading.local()
 
