@@ -4,10 +4,12 @@ budget through the real CLI, then kNN, linear probe and fine-tune test accuracy,
 random-init encoder and beside logistic regression and kNN on raw pixels, computed here on the
 same splits (55,000 train / 5,000 val held out stratified / the 10,000 test images).
 
-    python benchmarks/fashion_mnist.py --epochs 5 [--methods simclr byol] [--workdir DIR]
+    python benchmarks/fashion_mnist.py --epochs 5 [--methods simclr byol] [--method-epochs byol=10]
+        [--workdir DIR]
 
-A later call with the same --workdir reuses the runs it finds there (random init included) and
-adds the methods it lacks.
+--method-epochs gives some methods their own pretraining budget (the table prints each row's).
+A later call with the same --workdir reuses the runs it finds there at the same budget (random
+init included) and adds the ones it lacks.
 
 Published references on the same test set (Xiao et al. 2017, the Fashion-MNIST README and its
 benchmark): logistic regression on pixels 0.842, SVC (RBF, C=10) 0.897, two-conv CNNs
@@ -42,11 +44,23 @@ def common(args) -> list[str]:
     return ["dataset=fashion_mnist", f"dataset.root={args.root}", f"seed={args.seed}"]
 
 
-def pipeline(args, method: str) -> list[str]:
+def pipeline(args, method: str, epochs: int) -> list[str]:
     """A table row: the recipe in conf/experiment (pretrain, kNN, cached linear probe, fine-tune)."""
     experiment = "fashion_mnist_vit" if method in VIT_METHODS else "fashion_mnist"
     return [f"+experiment={experiment}", f"method={method}", f"dataset.root={args.root}", f"seed={args.seed}",
-            f"stage.pretrain.loop.epochs={args.epochs}", f"stage.finetune.loop.epochs={args.finetune_epochs}"]
+            f"stage.pretrain.loop.epochs={epochs}", f"stage.finetune.loop.epochs={args.finetune_epochs}"]
+
+
+def method_epochs(pairs: list[str], methods: list[str], default: int) -> dict[str, int]:
+    """Each method's pretraining epochs: --method-epochs METHOD=EPOCHS, else --epochs."""
+    budgets = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in methods or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--method-epochs {pair!r}: expected METHOD=EPOCHS with METHOD one of --methods "
+                             f"({', '.join(methods)}) and EPOCHS a positive integer")
+        budgets[name] = int(value)
+    return {m: budgets.get(m, default) for m in methods}
 
 
 def cli(argv: list[str], cwd: Path, store: str) -> float:
@@ -104,6 +118,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--augmented-epochs", type=int, default=3, help="linear probe, published protocol")
     parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--method-epochs", nargs="*", default=[], metavar="METHOD=EPOCHS",
+                        help="a method's own pretraining budget, e.g. byol=10 (the others get --epochs)")
     parser.add_argument("--root", default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -111,19 +127,22 @@ def main() -> None:
                         help="overrides for the smallcnn rows (random init and the CNN methods), e.g. "
                              "backbone.num_features=512")
     args = parser.parse_args()
+    epochs = method_epochs(args.method_epochs, args.methods, args.epochs)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sslpipe-fmnist-"))
     work.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{work}/mlflow.db"
 
     pixels = pixel_baselines(args.root, args.seed)
     print(f"pixels: kNN {pixels['knn']:.4f}, logistic regression {pixels['linear_probe']:.4f}", file=sys.stderr)
-    rows = [("raw pixels (logistic regression / kNN)", pixels["knn"], pixels["linear_probe"], None, None, None)]
+    rows = [("raw pixels (logistic regression / kNN)", None, pixels["knn"], pixels["linear_probe"], None, None, None)]
     augmented = ["stage=linear_probe", "stage.linear_probe.protocol=augmented", f"stage.linear_probe.augmented.epochs={args.augmented_epochs}"]
     # the ViT methods get their own random-init row: the encoder they are compared with
     randoms = ["random", *(["random_vit"] if VIT_METHODS & set(args.methods) else [])]
     for name in [*randoms, *args.methods]:
-        experiment = f"tracking.experiment=fmnist-{name}"
-        done = results(store, f"fmnist-{name}")
+        # a method's runs are named by their budget, so a --workdir never mixes budgets
+        tag = f"fmnist-{name}" if name in randoms else f"fmnist-{name}-{epochs[name]}ep"
+        experiment = f"tracking.experiment={tag}"
+        done = results(store, tag)
         backbone = VIT.split() if name in VIT_METHODS | {"random_vit"} else args.cnn
         if {"knn", "linear_probe", "linear_probe_augmented", "finetune"} <= done.keys():
             print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
@@ -134,33 +153,34 @@ def main() -> None:
             cli([*common(args), *augmented, *backbone, "pretrained=random", experiment], work, store)
         else:
             if not {"knn", "linear_probe", "finetune"} <= done.keys():
-                cli([*pipeline(args, name), *backbone, experiment], work, store)
-            pretrained = f"pretrained=runs:/{results(store, f'fmnist-{name}')['pretrain_run']}"
-            cli([*common(args), *augmented, *backbone, pretrained, experiment], work, store)
-        r = results(store, f"fmnist-{name}")
+                cli([*pipeline(args, name, epochs[name]), *backbone, experiment], work, store)
+            pretrained = f"pretrained=runs:/{results(store, tag)['pretrain_run']}"
+            # method=: the run is named after the method whose weights it probes
+            cli([*common(args), *augmented, f"method={name}", *backbone, pretrained, experiment], work, store)
+        r = results(store, tag)
         label = {"random": f"random init ({' '.join(['smallcnn', *args.cnn])})",
                  "random_vit": "random init (ViT below)"}.get(name, name)
         if name in VIT_METHODS:
             label = f"{name} ({VIT})"
-        rows.append((label, r["knn"], r["linear_probe"],
+        rows.append((label, epochs.get(name), r["knn"], r["linear_probe"],
                      r["linear_probe_augmented"], r["finetune"], r.get("pretrain_s")))
         print(f"{name}: {r}", file=sys.stderr, flush=True)
 
-    print(f"\nFashion-MNIST (real, {args.root}), smallcnn, seed {args.seed}: {args.epochs} pretraining epochs "
-          f"per method; linear probe cached (100 epochs on cached features) and augmented (the published protocol, "
+    print(f"\nFashion-MNIST (real, {args.root}), smallcnn, seed {args.seed}: pretraining epochs per method as "
+          f"the table says; linear probe cached (100 epochs on cached features) and augmented (the published protocol, "
           f"{args.augmented_epochs} epochs of SGD on fresh crops); fine-tune {args.finetune_epochs} epochs; test "
           f"accuracy on the 10,000 test images. MLflow store: {store}\n")
-    print("| encoder | kNN top-1 | linear (cached) | linear (augmented) | fine-tune | pretrain (min) | kNN > pixel kNN "
-          "| linear > pixel logreg |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| encoder | pretrain epochs | kNN top-1 | linear (cached) | linear (augmented) | fine-tune | pretrain (min) "
+          "| kNN > pixel kNN | linear > pixel logreg |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def cell(v, fmt="{:.4f}"):
         return "-" if v is None else fmt.format(v)
 
-    for name, knn, lin, lin_aug, ft, secs in rows:
+    for name, budget, knn, lin, lin_aug, ft, secs in rows:
         beats = ("-", "-") if name.startswith(("raw", "random")) else (
             "yes" if knn > pixels["knn"] else "NO", "yes" if lin > pixels["linear_probe"] else "NO")
-        print(f"| {name} | {knn:.4f} | {lin:.4f} | {cell(lin_aug)} | {cell(ft)} | {cell(secs and secs / 60, '{:.1f}')} "
+        print(f"| {name} | {cell(budget, '{}')} | {knn:.4f} | {lin:.4f} | {cell(lin_aug)} | {cell(ft)} | {cell(secs and secs / 60, '{:.1f}')} "
               f"| {beats[0]} | {beats[1]} |")
     print("\npublished: " + "; ".join(f"{k} {v}" for k, v in PUBLISHED.items()))
 
