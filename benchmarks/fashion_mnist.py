@@ -148,8 +148,8 @@ def main() -> None:
             print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
         elif name in randoms:
             for stage in ("knn", "linear_probe", "finetune"):  # a pipeline would pretrain first
-                epochs = [f"stage.finetune.loop.epochs={args.finetune_epochs}"] if stage == "finetune" else []
-                cli([*common(args), f"stage={stage}", *backbone, "pretrained=random", *epochs, experiment], work, store)
+                budget = [f"stage.finetune.loop.epochs={args.finetune_epochs}"] if stage == "finetune" else []
+                cli([*common(args), f"stage={stage}", *backbone, "pretrained=random", *budget, experiment], work, store)
             cli([*common(args), *augmented, *backbone, "pretrained=random", experiment], work, store)
         else:
             if not {"knn", "linear_probe", "finetune"} <= done.keys():
