@@ -153,7 +153,9 @@ def main() -> None:
             cli([*common(args), *augmented, *backbone, "pretrained=random", experiment], work, store)
         else:
             if not {"knn", "linear_probe", "finetune"} <= done.keys():
-                cli([*pipeline(args, name, epochs[name]), *backbone, experiment], work, store)
+                # conf/experiment/fashion_mnist_vit.yaml sets the ViT methods' backbone itself
+                own = [] if name in VIT_METHODS else backbone
+                cli([*pipeline(args, name, epochs[name]), *own, experiment], work, store)
             pretrained = f"pretrained=runs:/{results(store, tag)['pretrain_run']}"
             # method=: the run is named after the method whose weights it probes
             cli([*common(args), *augmented, f"method={name}", *backbone, pretrained, experiment], work, store)
