@@ -92,6 +92,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
     return factor
 
 
+def constant_lr(i: int) -> float:
+    """Multiplier of the base lr for a group that is not scheduled: always 1."""
+    return 1.0
+
+
 LR_SCALING = ("linear", "sqrt", "none")
 
 
@@ -195,8 +200,10 @@ class Loop:
             raise ValueError(f"nothing to train: {settings.epochs} epochs of {len(loader)} batches "
                              f"(grad_accum {settings.grad_accum}, max_steps {settings.max_steps})")
         warmup = int(settings.warmup_epochs * len(loader) / settings.grad_accum)
+        # groups marked fixed_lr (sslpipe.optim.weight_decay_groups: SimSiam's predictor) keep the base lr
+        schedule = warmup_cosine(self.total, min(warmup, self.total // 2), settings.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(self.total, min(warmup, self.total // 2), settings.min_lr_ratio))
+            optimizer, [constant_lr if group.get("fixed_lr") else schedule for group in optimizer.param_groups])
         self.state = LoopState()
         self.seed, self.resumed = seed, False
         self.rank_digests: list[str] = []  # each rank's weights_digest at the end of run()

@@ -27,18 +27,29 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: bool = True) -> list[dict]:
+def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: bool = True,
+                        fixed_lr_modules: Iterable[str] = ()) -> list[dict]:
     """The trainable parameters in two groups: biases, norm weights (every 1-d parameter),
     position embeddings and tokens without weight decay, the rest with `weight_decay`
     (timm's `param_groups_weight_decay`). Lightly's LARS skips its trust-ratio adaptation
     for a group without weight decay, so the same groups also exclude them from LARS, as
-    SimCLR and BYOL do. `exclude=False`: one group, every parameter decayed."""
+    SimCLR and BYOL do. `exclude=False`: one group, every parameter decayed.
+
+    The parameters of the submodules named in `fixed_lr_modules` (SimSiam's predictor) go in
+    groups of their own, after the others, marked `fixed_lr: True`: the loop keeps their
+    learning rate at the base value (sslpipe.engine.Loop)."""
     from timm.optim import param_groups_weight_decay
 
     if not exclude:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay_names(model))
-    return [g for g in groups if g["params"]]
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    else:
+        groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay_names(model))
+    fixed = {id(p) for name in fixed_lr_modules for p in model.get_submodule(name).parameters()}
+    if not fixed:
+        return [g for g in groups if g["params"]]
+    scheduled = [{**g, "params": [p for p in g["params"] if id(p) not in fixed]} for g in groups]
+    constant = [{**g, "params": [p for p in g["params"] if id(p) in fixed], "fixed_lr": True} for g in groups]
+    return [g for g in scheduled + constant if g["params"]]
 
 
 def clip_per_parameter(params: Iterable[torch.Tensor], max_norm: float) -> None:

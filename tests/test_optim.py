@@ -105,6 +105,35 @@ def test_pretrain_uses_the_groups_the_schedule_and_the_methods_clip(cli):
     assert run.data.params["method.optim.clip_grad"] == "3.0"  # dino.yaml's paper value reaches the run
 
 
+def test_simsiam_predictor_groups_are_split_off_and_marked_fixed():
+    method, _ = build_method("simsiam", "method.fix_pred_lr=true")
+    groups = weight_decay_groups(method, 1e-4, fixed_lr_modules=method.fixed_lr_modules)
+    fixed = [g for g in groups if g.get("fixed_lr")]
+    predictor = {n for n, _ in method.named_parameters() if n.startswith("predictor.")}
+    assert set().union(*(_names(method, g["params"]) for g in fixed)) == predictor
+    assert not any(g.get("fixed_lr") for g in groups[:len(groups) - len(fixed)])  # scheduled groups first
+    assert sorted(g["weight_decay"] for g in fixed) == [0.0, 1e-4]  # the predictor's biases stay undecayed
+    everything = [n for g in groups for n in _names(method, g["params"])]
+    assert sorted(everything) == sorted(n for n, p in method.named_parameters() if p.requires_grad)
+    off, _ = build_method("simsiam")  # the default: every group scheduled
+    assert off.fixed_lr_modules == () and not any(g.get("fixed_lr") for g in weight_decay_groups(off, 1e-4))
+
+
+def test_simsiam_pretrain_keeps_its_predictors_lr_while_the_rest_decays(cli):
+    # SimSiam (Chen & He 2021, sec. 4.2, Table 1c): the predictor at a constant lr, the rest warmed up and decayed
+    out = cli("stage=pretrain", "method=simsiam", "method.fix_pred_lr=true", "device=cpu", "stage.pretrain.loop.epochs=1", "stage.pretrain.loop.max_steps=4",
+              "stage.pretrain.loop.warmup_epochs=0", "stage.pretrain.batch_size=32", "tracking.log_checkpoints=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = torch.load(next((cli.cwd / "outputs").rglob("last.pt")), map_location="cpu", weights_only=False)
+    groups = saved["optimizer"]["param_groups"]
+    fixed = [g for g in groups if g.get("fixed_lr")]
+    scheduled = [g for g in groups if not g.get("fixed_lr")]
+    assert len(fixed) == 2 and len(scheduled) == 2
+    base = fixed[0]["initial_lr"]
+    assert all(g["lr"] == base for g in fixed)  # not decayed
+    assert all(g["lr"] < 0.9 * base for g in scheduled)  # cosine after 4 of 4 steps: near its floor
+
+
 # Each paper's optimizer (class, lr per 256 images, weight decay), as cited in the method yamls.
 PAPER_OPTIMIZERS = {
     "simclr": ("LARS", 0.3, 1e-6), "byol": ("LARS", 0.2, 1.5e-6), "barlowtwins": ("LARS", 0.2, 1.5e-6),

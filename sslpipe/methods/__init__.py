@@ -47,6 +47,7 @@ OPTIONAL = {
     "evaluated_encoder": "student",  # "teacher": the paper evaluates the EMA copy (DINO, iBOT)
     "fit_data": None,               # fit_data(num_images, batch_size) before training (MoCo caps its queue)
     "before_optimizer_step": None,  # (progress) between backward and the optimizer step (DINO, iBOT)
+    "fixed_lr_modules": (),         # submodules trained at the base lr, no warm-up nor decay (SimSiam's predictor)
 }
 
 

@@ -21,8 +21,11 @@ class SimSiam(nn.Module):
     objective = "negative_cosine"
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 2048,
-                 pred_hidden_dim: int = 512):
+                 pred_hidden_dim: int = 512, fix_pred_lr: bool = False):
         super().__init__()
+        # fix_pred_lr: the predictor at a constant lr, not warmed up nor decayed: better in the
+        # paper (sec. 4.2, Table 1c) and its repository's --fix-pred-lr, used for its ImageNet runs
+        self.fixed_lr_modules = ("predictor",) if fix_pred_lr else ()
         self.backbone = backbone
         self.projector = SimSiamProjectionHead(backbone.num_features, proj_hidden_dim, proj_output_dim)
         self.predictor = SimSiamPredictionHead(proj_output_dim, pred_hidden_dim, proj_output_dim)

@@ -93,7 +93,9 @@ def run(ctx: Context) -> StageResult:
     lr_scale = LrScale.of_run(st.lr_scaling, loader.batch_size, st.loop.grad_accum)
     factory = functools.partial(build(opt), lr=lr_scale(opt.lr))
     # no weight decay (nor LARS adaptation) on biases, norms, position embeddings, tokens (sslpipe.optim)
-    groups = weight_decay_groups(method, opt.get("weight_decay", 0.0), st.weight_decay_exclude)
+    # and the parts trained at a constant lr (SimSiam's predictor) in groups of their own
+    groups = weight_decay_groups(method, opt.get("weight_decay", 0.0), st.weight_decay_exclude,
+                                 capability(method, "fixed_lr_modules"))
     optimizer = build_optimizer(factory, groups, ctx.device)
 
     train_step = distributed.wrap(TrainingStep(method), ctx.device,  # DDP when distributed
