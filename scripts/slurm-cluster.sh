@@ -37,7 +37,16 @@ install() {
   fi
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# pid_alive <pid file> <program>: the pid file names a live process running that program. A pid
+# file left by a machine image taken while the daemons ran names a pid that, after a restart, is
+# either dead or some other program: checking the name keeps such a file from skipping a start.
+# A killed daemon not yet reaped (state Z) is not alive either.
+pid_alive() {
+  local pid
+  [ -f "$1" ] && pid=$(cat "$1") && [[ $pid =~ ^[0-9]+$ ]] \
+    && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] \
+    && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
 
 wait_for() {  # wait_for <seconds> <what> <command...>
   local limit=$1 what=$2; shift 2
@@ -109,14 +118,14 @@ start_munge() {
   mkdir -p /run/munge && chown munge:munge /run/munge
   [ -s /etc/munge/munge.key ] || { mungekey -c -f 2>/dev/null || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null; \
                                     chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
-  pid_alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged --force
+  pid_alive /run/munge/munged.pid munged || runuser -u munge -- /usr/sbin/munged --force
   wait_for 10 munged sh -c 'munge -n | unmunge'
 }
 
 start_mariadb() {
   mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
   [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql --datadir=/var/lib/mysql >"$LOG/mariadb-install.log" 2>&1
-  if ! pid_alive "$MARIADB_PID"; then
+  if ! pid_alive "$MARIADB_PID" mariadbd; then
     # setsid + nohup: it must outlive this shell; --skip-networking: unix socket only.
     setsid nohup mariadbd --user=mysql --skip-networking --pid-file="$MARIADB_PID" \
       >"$LOG/mariadb.log" 2>&1 < /dev/null &
@@ -131,20 +140,38 @@ start() {
   write_configs
   start_munge
   start_mariadb
-  pid_alive "$RUN/slurmdbd.pid" || slurmdbd
+  pid_alive "$RUN/slurmdbd.pid" slurmdbd || slurmdbd
   wait_for 30 slurmdbd sacctmgr -n list cluster
-  pid_alive "$RUN/slurmctld.pid" || slurmctld
+  local cold=false
+  pid_alive "$RUN/slurmctld.pid" slurmctld || { cold=true; slurmctld; }
   wait_for 30 slurmctld scontrol ping
   sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null 2>&1 || true  # slurmctld adds it too; harmless if present
-  pid_alive "$RUN/slurmd.pid" || slurmd -N "$(hostname -s)"
+  pid_alive "$RUN/slurmd.pid" slurmd || slurmd -N "$(hostname -s)"
+  if $cold; then
+    # slurmctld recovers the jobs in its saved state as still running, but on a cold start
+    # (a rebooted machine, or a machine image saved while tests ran) their processes are gone:
+    # left alone they hold the node allocated for ever (measured: a 16-task array recovered from
+    # an image kept the node 'alloc' past the 60 s wait). Cancel them so that accounting records
+    # them as ended and the node comes back idle; job ids go on from where they were.
+    local stale
+    stale=$(squeue -h -o %A | tr '\n' ' ')
+    if [ -n "${stale// }" ]; then
+      echo "slurm-cluster: cancelling jobs left from before the daemons last stopped: $stale" >&2
+      # shellcheck disable=SC2086
+      scancel $stale || true
+    fi
+  fi
   wait_for 60 "an idle node" sh -c "sinfo -h -o %t | grep -qx idle"
   sinfo
 }
 
 stop() {
   # each daemon by its pid file (munged writes its own), waiting until it has gone
-  for pidfile in "$RUN/slurmd.pid" "$RUN/slurmctld.pid" "$RUN/slurmdbd.pid" "$MARIADB_PID" /run/munge/munged.pid; do
-    if pid_alive "$pidfile"; then
+  local pidfile name pid
+  for pidfile in "$RUN/slurmd.pid:slurmd" "$RUN/slurmctld.pid:slurmctld" "$RUN/slurmdbd.pid:slurmdbd" \
+                 "$MARIADB_PID:mariadbd" /run/munge/munged.pid:munged; do
+    name=${pidfile##*:} pidfile=${pidfile%:*}
+    if pid_alive "$pidfile" "$name"; then
       pid=$(cat "$pidfile")
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
