@@ -5,9 +5,11 @@ random-init encoder and beside logistic regression and kNN on raw pixels, comput
 same splits (55,000 train / 5,000 val held out stratified / the 10,000 test images).
 
     python benchmarks/fashion_mnist.py --epochs 5 [--methods simclr byol] [--method-epochs byol=10]
-        [--workdir DIR]
+        [--method-overrides simsiam=stage.pretrain.optimizer.lr=0.0005] [--workdir DIR]
 
---method-epochs gives some methods their own pretraining budget (the table prints each row's).
+--method-epochs gives some methods their own pretraining budget (the table prints each row's);
+--method-overrides adds Hydra overrides to one method's recipe (its pipeline run; the row's label
+shows them, and its runs are kept apart from the same method's runs without them).
 A later call with the same --workdir reuses the runs it finds there at the same budget (random
 init included) and adds the ones it lacks.
 
@@ -61,6 +63,19 @@ def method_epochs(pairs: list[str], methods: list[str], default: int) -> dict[st
                              f"({', '.join(methods)}) and EPOCHS a positive integer")
         budgets[name] = int(value)
     return {m: budgets.get(m, default) for m in methods}
+
+
+def method_overrides(pairs: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """Each method's extra recipe overrides: --method-overrides METHOD=KEY=VALUE (repeatable)."""
+    extra: dict[str, list[str]] = {m: [] for m in methods}
+    for pair in pairs:
+        name, _, override = pair.partition("=")
+        if name not in methods or "=" not in override or override.startswith("="):
+            raise SystemExit(f"--method-overrides {pair!r}: expected METHOD=KEY=VALUE (a Hydra override of that "
+                             f"method's recipe, e.g. simsiam=stage.pretrain.optimizer.lr=0.0005) with METHOD one "
+                             f"of --methods ({', '.join(methods)})")
+        extra[name].append(override)
+    return extra
 
 
 def cli(argv: list[str], cwd: Path, store: str) -> float:
@@ -120,6 +135,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--method-epochs", nargs="*", default=[], metavar="METHOD=EPOCHS",
                         help="a method's own pretraining budget, e.g. byol=10 (the others get --epochs)")
+    parser.add_argument("--method-overrides", nargs="*", default=[], metavar="METHOD=KEY=VALUE",
+                        help="Hydra overrides for one method's recipe, e.g. simsiam=stage.pretrain.optimizer.lr=0.0005")
     parser.add_argument("--root", default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -128,6 +145,7 @@ def main() -> None:
                              "backbone.num_features=512")
     args = parser.parse_args()
     epochs = method_epochs(args.method_epochs, args.methods, args.epochs)
+    overrides = method_overrides(args.method_overrides, args.methods)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sslpipe-fmnist-"))
     work.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{work}/mlflow.db"
@@ -141,6 +159,8 @@ def main() -> None:
     for name in [*randoms, *args.methods]:
         # a method's runs are named by their budget, so a --workdir never mixes budgets
         tag = f"fmnist-{name}" if name in randoms else f"fmnist-{name}-{epochs[name]}ep"
+        if overrides.get(name):  # and by their recipe overrides
+            tag += "-" + "-".join(o.replace("=", "_") for o in overrides[name])
         experiment = f"tracking.experiment={tag}"
         done = results(store, tag)
         backbone = VIT.split() if name in VIT_METHODS | {"random_vit"} else args.cnn
@@ -155,7 +175,7 @@ def main() -> None:
             if not {"knn", "linear_probe", "finetune"} <= done.keys():
                 # conf/experiment/fashion_mnist_vit.yaml sets the ViT methods' backbone itself
                 own = [] if name in VIT_METHODS else backbone
-                cli([*pipeline(args, name, epochs[name]), *own, experiment], work, store)
+                cli([*pipeline(args, name, epochs[name]), *own, *overrides[name], experiment], work, store)
             pretrained = f"pretrained=runs:/{results(store, tag)['pretrain_run']}"
             # method=: the run is named after the method whose weights it probes
             cli([*common(args), *augmented, f"method={name}", *backbone, pretrained, experiment], work, store)
@@ -164,6 +184,8 @@ def main() -> None:
                  "random_vit": "random init (ViT below)"}.get(name, name)
         if name in VIT_METHODS:
             label = f"{name} ({VIT})"
+        if overrides.get(name):
+            label += f" ({' '.join(overrides[name])})"
         rows.append((label, epochs.get(name), r["knn"], r["linear_probe"],
                      r["linear_probe_augmented"], r["finetune"], r.get("pretrain_s")))
         print(f"{name}: {r}", file=sys.stderr, flush=True)

@@ -5,6 +5,8 @@ autoencoder) against independent reference computations on fixed tensors."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from sslpipe.config import build
+
+REPO = Path(__file__).resolve().parents[1]
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
@@ -472,6 +476,19 @@ def test_fashion_mnist_experiment_is_the_tables_command(experiment, method, extr
     got = OmegaConf.to_container(compose_run([f"+experiment={experiment}", f"method={method}"]), resolve=True)
     assert got == want
     assert got["stage"]["pretrain"]["loop"]["epochs"] == 3 and got["backbone"]["name"] == want["backbone"]["name"]
+
+
+@pytest.mark.parametrize("flag,value", [("--method-overrides", "byol=stage.pretrain.optimizer.lr=0.1"),
+                                        ("--method-overrides", "simsiam=lr"), ("--method-epochs", "simsiam=six")])
+def test_fashion_mnist_benchmark_refuses_a_bad_per_method_flag_before_any_work(flag, value, tmp_path):
+    """A table row's own budget or recipe (--method-epochs / --method-overrides) that names a
+    method not in --methods, or is not KEY=VALUE, stops the script at once, naming it and what fits."""
+    out = subprocess.run([sys.executable, "benchmarks/fashion_mnist.py", "--methods", "simsiam", "mocov2",
+                          flag, value, "--workdir", str(tmp_path / "work")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert f"{flag} {value!r}" in out.stderr and "simsiam, mocov2" in out.stderr, out.stderr
+    assert not (tmp_path / "work").exists()  # refused before the pixel baselines or any run
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
