@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from hydra import compose, initialize_config_module
 
 from sslpipe.config import build
 
-REPO = Path(__file__).resolve().parents[1]
-
-METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 # Overrides that keep a CPU test small: a 2-block ViT for ViT methods, a 2-batch MoCo queue,
 # and a fixed teacher + centre for DINO / iBOT (see test_loss_falls).
 TINY_VIT = ["backbone=vit_tiny", "+backbone.depth=2"]
