@@ -243,7 +243,7 @@ def _cli(args, cwd):
 def streamed_reference(tmp_path_factory):
     """A JPEG folder and an uninterrupted streamed run of RUN on it: (folder, run folder)."""
     root = tmp_path_factory.mktemp("streamed")
-    write_jpegs(root / "data", {"a": 20, "b": 20, "c": 20})
+    write_jpegs(root / "data", {"a": 60, "b": 60, "c": 60})
     reference = root / "outputs" / "reference"
     done = _cli([*RUN, f"dataset.root={root / 'data'}", f"hydra.run.dir={reference}"], root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -254,7 +254,10 @@ def streamed_reference(tmp_path_factory):
 @pytest.mark.parametrize("stop", [signal.SIGUSR2, signal.SIGKILL], ids=["sigusr2", "sigkill"])
 def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, stop, streamed_reference):
     """SIGUSR2 (SLURM's warning): checkpoint at the next step and exit. SIGKILL: lose the steps
-    since the last periodic checkpoint (every 7 steps: always mid-epoch, 10 batches an epoch)."""
+    since the last periodic checkpoint (every 7 steps: always mid-epoch, 31 batches an epoch).
+    The signal goes out once the step-7 checkpoint is on disk; with 10 batches an epoch a busy
+    machine let the run reach the boundary at step 10 before it landed (CI, 2026-12-07), so
+    the epoch is long enough that only a 24-step delay would reach it."""
     from test_resume import assert_same_weights
 
     from sslpipe import checkpoint as ckpt
@@ -274,7 +277,7 @@ def test_streamed_pretrain_stopped_mid_epoch_resumes_to_the_uninterrupted_weight
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == (128 + stop if stop == signal.SIGUSR2 else -stop), out[-3000:]
     loop = ckpt.load(job / "checkpoints" / "last.pt")["loop"]
-    batches_per_epoch = 42 // 4  # 60 images, 30 % held out
+    batches_per_epoch = 126 // 4  # 180 images, 30 % held out
     assert loop["step"] < 40 and loop["batch"] % batches_per_epoch, f"stopped at an epoch boundary: {loop}"
 
     done = _cli([*run, f"hydra.run.dir={job}"], tmp_path)
