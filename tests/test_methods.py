@@ -476,6 +476,21 @@ def test_fashion_mnist_experiment_is_the_tables_command(experiment, method, extr
     assert got["stage"]["pretrain"]["loop"]["epochs"] == 3 and got["backbone"]["name"] == want["backbone"]["name"]
 
 
+def test_fashion_mnist_goal_experiment_is_the_goal_rows_command():
+    """`+experiment=fashion_mnist_goal` is the run the README's wider-encoder goal row was measured
+    with: the script's pipeline command for simclr with its --epochs, --finetune-epochs and --cnn."""
+    from omegaconf import OmegaConf
+
+    from sslpipe.config import compose as compose_run
+
+    measured = ["+experiment=fashion_mnist", "method=simclr", "stage.pretrain.loop.epochs=12",
+                "stage.finetune.loop.epochs=5", "backbone.width=48", "backbone.num_features=512"]
+    want = OmegaConf.to_container(compose_run(measured), resolve=True)
+    got = OmegaConf.to_container(compose_run(["+experiment=fashion_mnist_goal"]), resolve=True)
+    assert got == want
+    assert (got["method"]["name"], got["backbone"]["width"], got["stage"]["pretrain"]["loop"]["epochs"]) == ("simclr", 48, 12)
+
+
 @pytest.mark.parametrize("flag,value", [("--method-overrides", "byol=stage.pretrain.optimizer.lr=0.1"),
                                         ("--method-overrides", "simsiam=lr"), ("--method-epochs", "simsiam=six")])
 def test_fashion_mnist_benchmark_refuses_a_bad_per_method_flag_before_any_work(flag, value, tmp_path):
