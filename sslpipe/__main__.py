@@ -35,6 +35,10 @@ def main() -> None:
             if hint:
                 print(hint, file=sys.stderr)
         raise
+    if "torch.distributed" in sys.modules:  # ranks that trained together: leave the group cleanly
+        from sslpipe import distributed
+
+        distributed.teardown()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sslpipe.conf", config_name="config")

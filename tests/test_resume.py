@@ -199,12 +199,11 @@ def test_pipeline_stopped_in_finetune_resumes_into_one_parent_run(tmp_path, pipe
 
 
 # ---------------------------------------------------------------- DDP on two gloo processes
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_train(rank: int) -> dict:
+    """Three DDP steps on different data per rank; the weights after them. The wrapper goes out
+    of scope here, before `distributed.teardown` frees the process group it holds."""
     from sslpipe import distributed
-    from sslpipe.data.split import Split
 
-    distributed.setup(torch.device("cpu"))
     torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 
@@ -223,11 +222,21 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         opt.zero_grad()
         ddp(x).backward()
         opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sslpipe import distributed
+    from sslpipe.data.split import Split
+
+    distributed.setup(torch.device("cpu"))
+    weights = _ddp_train(rank)
     assert distributed.any_rank(rank == 1) is True
     feats = distributed.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # uneven shards
     split = Split(torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1), torch.arange(7))
     bank = distributed.extract_features_sharded(lambda s: s.images.float().view(-1, 1) * 10, split)
-    torch.save({"weights": model.state_dict(), "feats": feats, "bank": bank}, f"{out}/rank{rank}.pt")
+    torch.save({"weights": weights, "feats": feats, "bank": bank}, f"{out}/rank{rank}.pt")
     distributed.teardown()
 
 

@@ -432,6 +432,7 @@ def test_streamed_pretrain_under_two_gloo_ranks_reads_half_each(tmp_path):
     # 20 images, 30 % held out: 14 in train, 7 a rank, one batch of 4 each
     assert "rank 0 of 2: 4 of 14 images per epoch (1 batches of 4)" in out, out[-3000:]
     assert "rank 1 of 2: 4 of 14 images per epoch (1 batches of 4)" in out, out[-3000:]
+    assert "rank 0 left the process group" in out and "rank 1 left the process group" in out, out[-3000:]
     assert (tmp_path / "outputs" / "ddp" / "checkpoints" / "final.pt").exists()
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("sslpipe").experiment_id])[0]
