@@ -13,7 +13,9 @@ Where the ranks come from, first match wins:
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import logging
 import os
 from typing import Any
@@ -78,6 +80,7 @@ def setup(device):
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        atexit.register(_free_at_exit)
         log.info("joined process group: backend %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     return device
 
@@ -94,8 +97,6 @@ def teardown() -> None:
     one busy loop, torch 2.14; the same crash as pytorch/pytorch#179291). Collected here, the
     group's destructor joins those threads with the GIL released, while they can still take it.
     """
-    import gc
-
     import torch.distributed as dist
 
     if is_initialized():
@@ -103,6 +104,18 @@ def teardown() -> None:
         dist.destroy_process_group()
         log.info("rank %d left the process group", rank())
     gc.collect()
+
+
+def _free_at_exit() -> None:
+    """At interpreter exit (atexit runs before finalisation), for a gloo process that did not
+    call `teardown`: an error, a preemption's requeue exit, a submitit job; see `teardown` for
+    the crash this avoids. No barrier: a rank that failed may never reach it. NCCL groups are
+    left to torch (its exit only warns that the group was not destroyed)."""
+    import torch.distributed as dist
+
+    if is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def barrier() -> None:

@@ -27,5 +27,8 @@ def write_results(run_dir: Path, title: str, table: str, stream: TextIO | None =
 
 
 def print_table(title: str, text: str) -> None:
-    """A stage's one-line summary under its title, on stdout."""
-    print(f"\n{title}\n{text}\n", flush=True)
+    """A stage's one-line summary under its title, on stdout (rank 0's only, as the table)."""
+    from sslpipe.distributed import is_main
+
+    if is_main():
+        print(f"\n{title}\n{text}\n", flush=True)

@@ -257,6 +257,60 @@ def test_ddp_two_gloo_ranks_agree_and_gather(tmp_path):
     assert torch.equal(r1["bank"], r0["bank"])
 
 
+def _exit_hook_worker(rank: int, port: int, out: str) -> None:
+    import atexit
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sslpipe import distributed
+
+    distributed.setup(torch.device("cpu"))
+    gathered = distributed.all_gather_cat(torch.full((1, 2), float(rank)))
+    before = dist.is_initialized()
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit, before finalisation  # noqa: SLF001
+    torch.save({"gathered": gathered, "before": before, "after": dist.is_initialized()}, f"{out}/rank{rank}.pt")
+
+
+def test_a_rank_that_never_tears_down_leaves_the_gloo_group_at_exit(tmp_path):
+    """An error or a requeue exit skips `teardown`: the exit hook `setup` registered frees the
+    group before the interpreter finalises (see distributed.teardown for the crash otherwise)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_exit_hook_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(got["gathered"], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+        assert got["before"] is True and got["after"] is False
+
+
+def test_a_sweep_under_torchrun_joins_the_group_once_and_leaves_it_at_the_end(tmp_path):
+    """Two ranks run a two-job sweep in one torchrun launch: they join the process group once,
+    keep it for the second job, and leave it once, after the last."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "-m", "sslpipe", "-m", "stage=pretrain", "device=cpu", "stage.pretrain.loop.max_steps=2",
+                           "stage.pretrain.batch_size=8", "backbone.width=8", "backbone.num_features=32", "seed=0,1",
+                           "hydra.sweep.dir=multirun/sweep"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for r in (0, 1):
+        assert out.count(f"joined process group: backend gloo, rank {r} of 2") == 1, out[-3000:]
+        assert out.count(f"rank {r} left the process group") == 1, out[-3000:]
+    assert out.count("pretrain simclr on digits") == 2, out[-3000:]  # each job's summary, from rank 0 only
+    for job in (0, 1):
+        assert (tmp_path / "multirun" / "sweep" / str(job) / "checkpoints" / "final.pt").exists()
+
+
 # ---------------------------------------------------------------- many writers, one store
 WRITER = r"""
 import sys
