@@ -35,10 +35,10 @@ def main() -> None:
             if hint:
                 print(hint, file=sys.stderr)
         raise
-    # Every job of this process done: ranks that trained together leave the group once, here (a
-    # sweep's jobs share it: joining a second time under torchrun hung in 2 of 3 tries of a
-    # two-job sweep, torch 2.14). Not after an error, where a rank that died would leave the others waiting at
-    # teardown's barrier; distributed.setup's exit hook frees the group then.
+    # Every job of this process done: ranks that trained together leave the group once, here
+    # (a sweep's jobs share it: joining a second time under torchrun hung in 2 of 3 tries of a
+    # two-job sweep, torch 2.14). Not after an error, where a rank that died would leave the
+    # others waiting at teardown's barrier; distributed.setup's exit hook frees the group then.
     if "torch.distributed" in sys.modules:
         from sslpipe import distributed
 

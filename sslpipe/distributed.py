@@ -103,7 +103,7 @@ def teardown() -> None:
         dist.barrier()  # no rank tears down its connections while another still reads from them
         dist.destroy_process_group()
         log.info("rank %d left the process group", rank())
-    gc.collect()
+        gc.collect()
 
 
 def _free_at_exit() -> None:

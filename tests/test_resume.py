@@ -268,7 +268,7 @@ def _exit_hook_worker(rank: int, port: int, out: str) -> None:
     distributed.setup(torch.device("cpu"))
     gathered = distributed.all_gather_cat(torch.full((1, 2), float(rank)))
     before = dist.is_initialized()
-    atexit._run_exitfuncs()  # what the interpreter runs first at exit, before finalisation  # noqa: SLF001
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit, before finalisation
     torch.save({"gathered": gathered, "before": before, "after": dist.is_initialized()}, f"{out}/rank{rank}.pt")
 
 
