@@ -104,9 +104,11 @@ def load_runs(uri: str, experiment: str | None) -> list[RunRow]:
 # ------------------------------------------------------------------ aggregating
 def is_protocol(name: str) -> bool:
     """A param that makes two numbers comparable or not: a probe's protocol (`protocol.*`, the
-    label fraction among them), the share of data, and the training budget (epochs, steps)."""
+    label fraction among them), the share of data, the training budget (epochs, steps) and a
+    fine-tune's augmentation (`stage.finetune.augment`, the ops its `view` sets)."""
     return (name.startswith("protocol.") or name in ("dataset.fraction", "dataset.data_ratio")
-            or (name.startswith("stage.") and name.endswith((".epochs", ".max_steps"))))
+            or (name.startswith("stage.") and (name.endswith((".epochs", ".max_steps", "finetune.augment"))
+                                               or "finetune.view." in name)))
 
 
 def protocol_of(run: RunRow) -> tuple[tuple[str, str], ...]:

@@ -67,10 +67,11 @@ RULES: list[Rule] = [
     ("method.temperature", "a number > 0", lambda v: _num(v) and v > 0),
     ("method.*_dim", "an integer >= 1", lambda v: _int(v) and v >= 1),
     ("method.momentum_*", "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
-    ("dataset.augment.crop_scale", "[min, max] with 0 < min <= max <= 1",
-     lambda v: isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v) and 0 < v[0] <= v[1] <= 1),
-    ("dataset.augment.*_prob", "a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
-    ("dataset.augment.hflip", "a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
+    *((f"{where}.crop_scale", "[min, max] with 0 < min <= max <= 1",
+       lambda v: isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v) and 0 < v[0] <= v[1] <= 1)
+      for where in ("dataset.augment", "stage*.view")),  # a data set's view; a fine-tune's own ops
+    *((f"{where}.{op}", "a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1)
+      for where in ("dataset.augment", "stage*.view") for op in ("*_prob", "hflip")),
 ]
 
 
@@ -95,7 +96,13 @@ def validate(cfg: DictConfig) -> None:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
         raise ConfigError(f"the config does not resolve: {err}") from None
+    from sslpipe.data.views import SPEC_KEYS
+
     for key, value in _walk(tree):
+        if fnmatch.fnmatchcase(key, "stage*.view") and isinstance(value, dict):
+            unknown = sorted(set(value) - set(SPEC_KEYS))
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]} is not a view op; the ops are {', '.join(SPEC_KEYS)}")
         for pattern, fits, ok in RULES:
             if fnmatch.fnmatchcase(key, pattern) and not isinstance(value, dict) and not ok(value):
                 raise ConfigError(f"{key}={value!r} does not fit: expected {fits}")

@@ -48,6 +48,19 @@ def test_other_label_fractions_and_budgets_are_rows_not_seeds():
     assert "| simclr | protocol.epochs=- protocol.label_fraction=1.0 | 2 | 0,1 | 0.92 ± 0.03 |" in text
 
 
+def test_fine_tunes_with_other_views_are_rows_not_seeds():
+    """A fine-tune without jitter (stage.finetune.view.*) or without augmentation is another
+    recipe; a default run logged before `view` existed (its "{}") groups with one logged after."""
+    runs = [_run("simclr", s, top1, stage="finetune") for s, top1 in ((0, 0.90), (1, 0.91), (0, 0.92), (0, 0.93))]
+    runs[1].params["stage.finetune.view"] = "{}"
+    runs[2].params["stage.finetune.view.jitter_prob"] = "0.0"
+    runs[3].params["stage.finetune.augment"] = "False"
+    groups = aggregate(runs, ["method"], ["test/top1"])
+    assert sorted(len(g.runs) for g in groups) == [1, 1, 2]
+    text = markdown(groups, ["method"], ["test/top1"], 3)
+    assert "stage.finetune.view.jitter_prob=0.0" in text and "stage.finetune.augment=False" in text
+
+
 def test_report_of_real_runs_keeps_label_fractions_apart(tmp_path):
     for fraction in ("0.1", "1.0"):
         out = run_cli(["stage=linear_probe", "pretrained=random", "device=cpu", "stage.linear_probe.epochs=2",

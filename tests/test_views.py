@@ -135,3 +135,32 @@ def test_bad_views_name_the_value(overrides, named):
     cfg = compose(["stage=pretrain", *overrides])
     with pytest.raises(ValueError, match=named.replace("[", r"\[")):
         build_method(cfg, build(cfg.backbone))
+
+
+def test_finetune_view_sets_its_own_ops_over_the_data_sets():
+    """Fine-tuning crops the data set's own view at scale >= crop_min; `stage.finetune.view` sets
+    ops for the fine-tune alone (Fashion-MNIST: crops and flips, no jitter or rotation)."""
+    from sslpipe.data.views import Augment
+    from sslpipe.stages.finetune import finetune_spec
+
+    def finetune_ops(*overrides: str) -> dict:
+        cfg = compose(["stage=finetune", "dataset=fashion_mnist", *overrides])
+        st = cfg.stage.finetune
+        spec = finetune_spec(cfg.dataset.augment, st.crop_min, st.view)
+        return ops(Augment(cfg.dataset.image_size, spec, [0.5], [0.25]))
+
+    assert finetune_ops() == {"crop": (0.8, 1.0), "flip": 0.5, "rotation": 1.0, "jitter": (0.8, 0.4, 0.4, 0.0, 0.0)}
+    assert finetune_ops("+stage.finetune.view={jitter_prob:0.0,rotation:0.0}") == {"crop": (0.8, 1.0), "flip": 0.5}
+    pretraining = global_ops(built_views("dataset=fashion_mnist", "+stage.finetune.view={jitter_prob:0.0}"))
+    assert pretraining == global_ops(built_views("dataset=fashion_mnist")) and "jitter" in pretraining[0]  # untouched
+
+
+@pytest.mark.parametrize("override,named", [
+    ("+stage.finetune.view={jitter:0.0}", "stage.finetune.view.jitter is not a view op; the ops are crop_scale"),
+    ("+stage.finetune.view.hflip=1.5", r"stage.finetune.view.hflip=1.5 does not fit: expected a probability in \[0, 1\]"),
+])
+def test_bad_finetune_view_is_refused_before_any_work(override, named):
+    from sslpipe.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=named):
+        validate(compose(["stage=pipeline", override]))

@@ -59,7 +59,8 @@ def base_spec(augment: Mapping) -> AugmentSpec:
     return AugmentSpec(**plain)
 
 
-def _override(spec: AugmentSpec, changes: Mapping | None, where: str) -> AugmentSpec:
+def override_spec(spec: AugmentSpec, changes: Mapping | None, where: str) -> AugmentSpec:
+    """`spec` with the ops in `changes` set; a key that is not a view op raises, naming `where`.key."""
     changes = dict(changes or {})
     for key in changes:
         if key not in SPEC_KEYS:
@@ -94,17 +95,17 @@ def plan_views(augment: Mapping, views: Mapping | None, method: str, global_view
     if local_views < 0 or (local_views and not takes_local_views):
         raise ValueError(f"method.views.local_views={local_views}: {method} takes "
                          + ("a count >= 0" if takes_local_views else "no local crops (0)"))
-    common = _override(base, views.get("common"), "method.views.common")
+    common = override_spec(base, views.get("common"), "method.views.common")
     per_view = list(views.get("per_view") or [{}] * count)
     if len(per_view) != count:
         raise ValueError(f"method.views.per_view has {len(per_view)} entries; {method} takes {count} global views")
     data_kept = {k: getattr(base, k) for k in fixed}
-    specs = tuple(replace(_override(common, one, f"method.views.per_view[{i}]"), **data_kept)
+    specs = tuple(replace(override_spec(common, one, f"method.views.per_view[{i}]"), **data_kept)
                   for i, one in enumerate(per_view))
     local = None
     if local_views:
         scale = tuple(views.get("local_crop_scale") or (0.05, 0.4))
-        local = replace(_override(common, views.get("local"), "method.views.local"),
+        local = replace(override_spec(common, views.get("local"), "method.views.local"),
                         **{k: v for k, v in data_kept.items() if k != "crop_scale"}, crop_scale=scale)
     return ViewPlan(specs, local_views, local, views.get("local_size"))
 
