@@ -99,6 +99,9 @@ class _Array:
     def running(self) -> int:
         return self._queue().count("RUNNING") if self.job else sum(p.poll() is None for p in self.procs)
 
+    def pending(self) -> int:
+        return self._queue().count("PENDING") if self.job else 0
+
     def failed(self) -> list[str]:
         """What the runs that ended badly wrote last."""
         if self.job:
@@ -141,13 +144,14 @@ def test_sixteen_runs_lose_and_duplicate_no_step_across_a_server_restart(server)
     while stored_steps() < 50 and time.time() < deadline:  # the first flushes have reached the server
         assert not runs.failed(), runs.failed()
         time.sleep(0.5)
-    restarted_while_running = runs.running()
+    restarted_while_running, pending = runs.running(), runs.pending()
     command("restart")  # the server goes away for its whole start-up (~10-30 s) while runs log
     failures = runs.wait(timeout=900)
     assert not failures, failures
     assert restarted_while_running >= 4, restarted_while_running
-    if runs.job:  # all 16 array tasks ran at once: the cluster fits them, the restart hit every one
-        assert restarted_while_running == RUNS, restarted_while_running
+    # All 16 array tasks had started: the cluster fits them at once. Not all need still be running:
+    # on two loaded cores the first flush reached the server after 6 of 16 runs had ended (CI, e854290).
+    assert pending == 0, f"{pending} of {RUNS} array tasks still pending at the restart"
 
     found = client.search_runs([client.get_experiment_by_name("load").experiment_id], max_results=100)
     assert len(found) == RUNS and {r.data.params["seed"] for r in found} == {str(i) for i in range(RUNS)}
