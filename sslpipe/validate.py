@@ -96,10 +96,10 @@ def validate(cfg: DictConfig) -> None:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
         raise ConfigError(f"the config does not resolve: {err}") from None
-    from sslpipe.data.views import SPEC_KEYS
-
     for key, value in _walk(tree):
-        if fnmatch.fnmatchcase(key, "stage*.view") and isinstance(value, dict):
+        if fnmatch.fnmatchcase(key, "stage*.view") and isinstance(value, dict) and value:
+            from sslpipe.data.views import SPEC_KEYS  # imports torch: only for a view that sets ops
+
             unknown = sorted(set(value) - set(SPEC_KEYS))
             if unknown:
                 raise ConfigError(f"{key}.{unknown[0]} is not a view op; the ops are {', '.join(SPEC_KEYS)}")
