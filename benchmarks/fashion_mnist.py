@@ -6,10 +6,13 @@ same splits (55,000 train / 5,000 val held out stratified / the 10,000 test imag
 
     python benchmarks/fashion_mnist.py --epochs 5 [--methods simclr byol] [--method-epochs byol=10]
         [--method-overrides simsiam=stage.pretrain.optimizer.lr=0.0005] [--workdir DIR]
+        [--finetune-view jitter_prob=0 rotation=0]
 
 --method-epochs gives some methods their own pretraining budget (the table prints each row's);
 --method-overrides adds Hydra overrides to one method's recipe (its pipeline run; the row's label
 shows them, and its runs are kept apart from the same method's runs without them).
+--finetune-view sets view ops for every fine-tune (random init's and each method's) over the data
+set's view (`stage.finetune.view`): the README's goal fine-tunes on crops and flips alone.
 A later call with the same --workdir reuses the runs it finds there at the same budget (random
 init included) and adds the ones it lacks.
 
@@ -78,6 +81,29 @@ def method_overrides(pairs: list[str], methods: list[str]) -> dict[str, list[str
     return extra
 
 
+def finetune_view(pairs: list[str]) -> list[str]:
+    """--finetune-view OP=VALUE ... as Hydra overrides of stage.finetune.view (`++`: the key may be
+    set already, e.g. by an experiment), checked against the view ops before any work."""
+    from sslpipe.data.views import SPEC_KEYS
+
+    overrides = []
+    for pair in pairs:
+        op, _, value = pair.partition("=")
+        if op not in SPEC_KEYS or not value:
+            raise SystemExit(f"--finetune-view {pair!r}: expected OP=VALUE with OP a view op "
+                             f"({', '.join(SPEC_KEYS)}), e.g. jitter_prob=0")
+        overrides.append(f"++stage.finetune.view.{op}={value}")
+    if overrides:  # the values as the fine-tune would check them (a probability outside [0, 1], ...)
+        from sslpipe.config import compose
+        from sslpipe.validate import ConfigError, validate
+
+        try:
+            validate(compose(["stage=finetune", "dataset=fashion_mnist", *overrides]))
+        except ConfigError as err:
+            raise SystemExit(f"--finetune-view {' '.join(pairs)}: {err}") from None
+    return overrides
+
+
 def cli(argv: list[str], cwd: Path, store: str) -> float:
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     print("$ python -m sslpipe " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr, flush=True)
@@ -137,6 +163,8 @@ def main() -> None:
                         help="a method's own pretraining budget, e.g. byol=10 (the others get --epochs)")
     parser.add_argument("--method-overrides", nargs="*", default=[], metavar="METHOD=KEY=VALUE",
                         help="Hydra overrides for one method's recipe, e.g. simsiam=stage.pretrain.optimizer.lr=0.0005")
+    parser.add_argument("--finetune-view", nargs="*", default=[], metavar="OP=VALUE",
+                        help="view ops for the fine-tunes over the data set's view, e.g. jitter_prob=0 rotation=0")
     parser.add_argument("--root", default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -146,6 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     epochs = method_epochs(args.method_epochs, args.methods, args.epochs)
     overrides = method_overrides(args.method_overrides, args.methods)
+    view = finetune_view(args.finetune_view)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sslpipe-fmnist-"))
     work.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{work}/mlflow.db"
@@ -161,6 +190,8 @@ def main() -> None:
         tag = f"fmnist-{name}" if name in randoms else f"fmnist-{name}-{epochs[name]}ep"
         if overrides.get(name):  # and by their recipe overrides
             tag += "-" + "-".join(o.replace("=", "_") for o in overrides[name])
+        if view:  # and by the fine-tune's view
+            tag += "-ftview-" + "-".join(p.replace("=", "_") for p in args.finetune_view)
         experiment = f"tracking.experiment={tag}"
         done = results(store, tag)
         backbone = VIT.split() if name in VIT_METHODS | {"random_vit"} else args.cnn
@@ -168,14 +199,14 @@ def main() -> None:
             print(f"{name}: measured before in {store}, reused", file=sys.stderr)  # --workdir of an earlier call
         elif name in randoms:
             for stage in ("knn", "linear_probe", "finetune"):  # a pipeline would pretrain first
-                budget = [f"stage.finetune.loop.epochs={args.finetune_epochs}"] if stage == "finetune" else []
+                budget = [f"stage.finetune.loop.epochs={args.finetune_epochs}", *view] if stage == "finetune" else []
                 cli([*common(args), f"stage={stage}", *backbone, "pretrained=random", *budget, experiment], work, store)
             cli([*common(args), *augmented, *backbone, "pretrained=random", experiment], work, store)
         else:
             if not {"knn", "linear_probe", "finetune"} <= done.keys():
                 # conf/experiment/fashion_mnist_vit.yaml sets the ViT methods' backbone itself
                 own = [] if name in VIT_METHODS else backbone
-                cli([*pipeline(args, name, epochs[name]), *own, *overrides[name], experiment], work, store)
+                cli([*pipeline(args, name, epochs[name]), *own, *overrides[name], *view, experiment], work, store)
             pretrained = f"pretrained=runs:/{results(store, tag)['pretrain_run']}"
             # method=: the run is named after the method whose weights it probes
             cli([*common(args), *augmented, f"method={name}", *backbone, pretrained, experiment], work, store)
@@ -192,7 +223,8 @@ def main() -> None:
 
     print(f"\nFashion-MNIST (real, {args.root}), smallcnn, seed {args.seed}: pretraining epochs per method as "
           f"the table says; linear probe cached (100 epochs on cached features) and augmented (the published protocol, "
-          f"{args.augmented_epochs} epochs of SGD on fresh crops); fine-tune {args.finetune_epochs} epochs; test "
+          f"{args.augmented_epochs} epochs of SGD on fresh crops); fine-tune {args.finetune_epochs} epochs"
+          f"{' with view ' + ' '.join(args.finetune_view) if view else ''}; test "
           f"accuracy on the 10,000 test images. MLflow store: {store}\n")
     print("| encoder | pretrain epochs | kNN top-1 | linear (cached) | linear (augmented) | fine-tune | pretrain (min) "
           "| kNN > pixel kNN | linear > pixel logreg |")

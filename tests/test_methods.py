@@ -506,6 +506,39 @@ def test_fashion_mnist_benchmark_refuses_a_bad_per_method_flag_before_any_work(f
     assert not (tmp_path / "work").exists()  # refused before the pixel baselines or any run
 
 
+@pytest.mark.parametrize("view,message", [("jitter=0", "OP a view op (crop_scale"),
+                                          ("rotation=", "OP a view op (crop_scale"),
+                                          ("jitter_prob=2", "stage.finetune.view.jitter_prob=2 does not fit")])
+def test_fashion_mnist_benchmark_refuses_a_bad_finetune_view_before_any_work(view, message, tmp_path):
+    """--finetune-view names a view op the fine-tune knows, with a value it accepts; anything else
+    stops the script before the pixel baselines, naming the flag's value and what fits."""
+    out = subprocess.run([sys.executable, "benchmarks/fashion_mnist.py", "--methods", "simclr",
+                          "--finetune-view", view, "--workdir", str(tmp_path / "work")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"--finetune-view {view}" in out.stderr.replace("'", "") and message in out.stderr, out.stderr
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("experiment", ["fashion_mnist", "fashion_mnist_goal"])
+def test_fashion_mnist_benchmark_finetune_view_reaches_the_runs_config(experiment):
+    """The script's --finetune-view overrides set stage.finetune.view on a table row's recipe,
+    whether the experiment leaves the view empty or sets it already (the goal's)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from sslpipe.config import compose as compose_run
+
+    spec = importlib.util.spec_from_file_location("fashion_mnist_benchmark", REPO / "benchmarks" / "fashion_mnist.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = script.finetune_view(["jitter_prob=0.25", "rotation=0"])
+    cfg = compose_run([f"+experiment={experiment}", "method=simclr", *overrides])
+    assert OmegaConf.to_container(cfg.stage.finetune.view) == {"jitter_prob": 0.25, "rotation": 0}
+    assert script.finetune_view([]) == []
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes(name):
     from omegaconf import OmegaConf
