@@ -506,8 +506,8 @@ def test_fashion_mnist_benchmark_refuses_a_bad_per_method_flag_before_any_work(f
     assert not (tmp_path / "work").exists()  # refused before the pixel baselines or any run
 
 
-@pytest.mark.parametrize("view,message", [("jitter=0", "OP a view op (crop_scale"),
-                                          ("rotation=", "OP a view op (crop_scale"),
+@pytest.mark.parametrize("view,message", [("jitter=0", "jitter is not a view op; the ops are crop_scale"),
+                                          ("rotation=", "expected OP=VALUE"),
                                           ("jitter_prob=2", "stage.finetune.view.jitter_prob=2 does not fit")])
 def test_fashion_mnist_benchmark_refuses_a_bad_finetune_view_before_any_work(view, message, tmp_path):
     """--finetune-view names a view op the fine-tune knows, with a value it accepts; anything else
